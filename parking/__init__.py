@@ -1,0 +1,1 @@
+"""Car-park metering: camera events in, one stay summary per visit out."""

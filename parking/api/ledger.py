@@ -1,0 +1,155 @@
+"""The stays CSV: one row per stay id, appended in durable batches.
+
+One writer task owns the file. Requests queue their rows and wait; the writer
+takes everything queued, appends it, fsyncs once and then answers them all
+(group commit), so rows never interleave and an answered row is on disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+COLUMNS = (
+    "stay_id",
+    "vehicle_plate",
+    "entry_date_time",
+    "exit_date_time",
+    "duration_seconds",
+    "clock_skew",
+)
+#: Cells a spreadsheet would run as a formula start with one of these.
+_FORMULA_LEADS = ("=", "+", "-", "@", "\t", "\r")
+MAX_BATCH = 2000
+
+
+def neutralise(cell: str) -> str:
+    """Make a cell inert in spreadsheets (OWASP's advice: a leading quote)."""
+    return "'" + cell if cell.startswith(_FORMULA_LEADS) else cell
+
+
+@dataclass(slots=True)
+class _Pending:
+    row: dict[str, str]
+    done: asyncio.Future[bool]
+
+
+class CsvLedger:
+    def __init__(self, path: Path, fsync: bool = True) -> None:
+        self.path = path
+        self._fsync = fsync
+        self._ids: set[str] = set()
+        self._rows = 0
+        self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+        self._file: io.TextIOWrapper | None = None
+
+    @property
+    def rows(self) -> int:
+        return self._rows
+
+    async def start(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._recover()
+        self._file = open(self.path, "a", encoding="utf-8", newline="")  # noqa: SIM115
+        if self._file.tell() == 0:
+            self._file.write(_encode([dict(zip(COLUMNS, COLUMNS, strict=True))]))
+            self._sync()
+        self._task = asyncio.create_task(self._write_forever(), name="csv-writer")
+        logger.info("stays ledger open path=%s rows=%d", self.path, self._rows)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        if self._file is not None:
+            self._file.close()
+
+    def healthy(self) -> bool:
+        writer_alive = self._task is not None and not self._task.done()
+        return writer_alive and os.access(self.path, os.W_OK)
+
+    async def append(self, row: dict[str, str]) -> bool:
+        """Write one stay; ``False`` when its id is already in the file."""
+        if row["stay_id"] in self._ids:
+            return False
+        done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        await self._queue.put(_Pending(row, done))
+        return await done
+
+    async def _write_forever(self) -> None:
+        while True:
+            batch = [await self._queue.get()]
+            while len(batch) < MAX_BATCH and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            try:
+                await self._write(batch)
+            except Exception as exc:  # the writer must survive a full disk
+                logger.exception("stays ledger write failed")
+                for item in batch:
+                    if not item.done.done():
+                        item.done.set_exception(exc)
+
+    async def _write(self, batch: list[_Pending]) -> None:
+        fresh: list[_Pending] = []
+        seen: set[str] = set()
+        for item in batch:
+            stay_id = item.row["stay_id"]
+            if stay_id in self._ids or stay_id in seen:
+                item.done.set_result(False)
+            else:
+                seen.add(stay_id)
+                fresh.append(item)
+        if not fresh:
+            return
+        assert self._file is not None
+        self._file.write(_encode([item.row for item in fresh]))
+        await asyncio.to_thread(self._sync)
+        self._ids.update(seen)
+        self._rows += len(fresh)
+        for item in fresh:
+            item.done.set_result(True)
+
+    def _sync(self) -> None:
+        assert self._file is not None
+        self._file.flush()
+        if self._fsync:
+            os.fsync(self._file.fileno())
+
+    def _recover(self) -> None:
+        """Load the ids already written; drop a torn last line from a crash.
+
+        A torn line was never acknowledged, so its sender retries it.
+        """
+        if not self.path.exists():
+            return
+        with open(self.path, "rb+") as raw:
+            data = raw.read()
+            if data and not data.endswith(b"\n"):
+                keep = data.rfind(b"\n") + 1
+                logger.warning("stays ledger dropping torn tail bytes=%d", len(data) - keep)
+                raw.truncate(keep)
+        for row in self.read_all():
+            self._ids.add(row["stay_id"])
+            self._rows += 1
+
+    def read_all(self) -> Iterator[dict[str, str]]:
+        if not self.path.exists():
+            return
+        with open(self.path, encoding="utf-8", newline="") as handle:
+            yield from csv.DictReader(handle)
+
+
+def _encode(rows: list[dict[str, str]]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
+    writer.writerows({key: neutralise(row[key]) for key in COLUMNS} for row in rows)
+    return buffer.getvalue()

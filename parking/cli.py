@@ -1,0 +1,175 @@
+"""The ``parking`` command: run the system, the API alone, or replay recordings.
+
+This is the composition root, so it is the one place in ``parking`` that
+reaches into ``workers`` (lazily, inside the commands that publish).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+
+from parking.events import EventKind
+from parking.settings import Settings, get_settings, mask_url
+
+console = Console(stderr=True)
+
+
+@click.group()
+@click.option(
+    "--log-level",
+    envvar="PARKING_LOG_LEVEL",
+    default="INFO",
+    show_default=True,
+    help="Log level of this command (env PARKING_LOG_LEVEL).",
+)
+def main(log_level: str) -> None:
+    """Car-park metering: camera events in, one stay summary per visit out."""
+    logging.basicConfig(
+        level=log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+
+
+def _processes(settings: Settings) -> dict[str, str]:
+    python = sys.executable
+    queues = ",".join(settings.queue(k) for k in ("entry", "exit", "generate", "default"))
+    flower_auth = ""
+    if settings.flower_password is not None:
+        # Flower reads it from this variable: nothing secret on a command line.
+        flower_auth = " --basic-auth=$FLOWER_BASIC_AUTH"
+    return {
+        "worker": (
+            f"{python} -m celery -A workers worker -Q {queues}"
+            f" -c {settings.worker_concurrency} -n worker@%h -l INFO -E"
+        ),
+        "beat": (
+            f"{python} -m celery -A workers beat -l INFO"
+            f" -s {settings.var_dir / 'celerybeat-schedule'}"
+        ),
+        "api": f"{python} -m parking api",
+        "flower": (
+            f"{python} -m celery -A workers flower --address=127.0.0.1"
+            f" --port={settings.flower_port}{flower_auth}"
+        ),
+    }
+
+
+@main.command()
+def run() -> None:
+    """Start worker, beat, the summary API and Flower; Ctrl-C stops them all."""
+    from honcho.manager import Manager
+    from honcho.printer import Printer
+
+    settings = get_settings()
+    settings.var_dir.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    metrics_dir = settings.var_dir / "prometheus"
+    # Multiprocess metrics files of a previous run would be counted again.
+    shutil.rmtree(metrics_dir, ignore_errors=True)
+    metrics_dir.mkdir(parents=True)
+    env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir.resolve())
+    if settings.flower_password is not None:
+        password = settings.flower_password.get_secret_value()
+        env["FLOWER_BASIC_AUTH"] = f"{settings.flower_user}:{password}"
+
+    console.print("[bold]parking run[/]: worker, beat, summary API, Flower")
+    console.print(f"  broker       {mask_url(settings.broker_url)}")
+    console.print(f"  redis        {mask_url(settings.redis_url)}")
+    console.print(f"  summary API  http://{settings.api_host}:{settings.api_port}")
+    console.print(f"  Flower       http://127.0.0.1:{settings.flower_port}")
+    console.print(f"  stays CSV    {settings.summary_csv.resolve()}")
+
+    manager = Manager(Printer(sys.stdout))
+    for name, command in _processes(settings).items():
+        manager.add_process(name, command, env=env)
+    manager.loop()
+    sys.exit(manager.returncode)
+
+
+@main.command()
+@click.option("--host", envvar="PARKING_API_HOST", default=None)
+@click.option("--port", envvar="PARKING_API_PORT", type=int, default=None)
+def api(host: str | None, port: int | None) -> None:
+    """Run the summary API alone (uvicorn)."""
+    import uvicorn
+
+    from parking.api.app import create_app
+
+    settings = get_settings()
+    uvicorn.run(
+        create_app(settings),
+        host=host or settings.api_host,
+        port=port or settings.api_port,
+        log_level="warning",
+        access_log=False,
+    )
+
+
+def classify(event: Any) -> EventKind | None:
+    """Which queue a recorded event belongs to, from the time field it has."""
+    if not isinstance(event, dict):
+        return None
+    for kind in EventKind:
+        if kind.time_field in event:
+            return kind
+    return None
+
+
+@main.command()
+@click.argument("path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--batch", default=500, show_default=True, help="Events per publish.")
+def replay(path: Path, batch: int) -> None:
+    """Publish recorded wire-format events (JSON lines) for processing."""
+    from rich.progress import Progress
+
+    from workers.tasks import publish_events
+
+    lines = path.read_text(encoding="utf-8").splitlines()
+    pending: list[tuple[EventKind, Any]] = []
+    sent = skipped = 0
+    with Progress(console=console) as progress:
+        task = progress.add_task(f"replaying {path.name}", total=len(lines))
+        for number, line in enumerate(lines, start=1):
+            progress.advance(task)
+            if not line.strip():
+                continue
+            try:
+                event = json.loads(line)
+            except ValueError:
+                event = None
+            kind = classify(event)
+            if kind is None:
+                skipped += 1
+                console.print(f"line {number}: not an entry or exit event, skipped")
+                continue
+            pending.append((kind, event))
+            if len(pending) >= batch:
+                publish_events(pending)
+                sent += len(pending)
+                pending.clear()
+        publish_events(pending)
+        sent += len(pending)
+    console.print(f"published {sent} events, skipped {skipped}")
+
+
+@main.command()
+@click.option("--entries", default=0, show_default=True)
+@click.option("--exits", default=0, show_default=True)
+def generate(entries: int, exits: int) -> None:
+    """Queue one burst of simulated entries and/or exits."""
+    from workers.tasks import generate_entry, generate_exit
+
+    if entries:
+        generate_entry.delay(count=entries)
+    if exits:
+        generate_exit.delay(count=exits)
+    console.print(f"queued bursts: entries={entries} exits={exits}")

@@ -1,0 +1,109 @@
+"""Domain metrics, declared once on a registry that tests can replace.
+
+Labels are bounded: event kinds, outcomes and rejection reasons come from fixed
+sets in the code; no plate, id or free text ever becomes a label value.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+
+#: Sub-millisecond work must land in distinct buckets, and outages in the top.
+FAST_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.003, 0.005,
+    0.0075, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+)  # fmt: skip
+#: From an event's own time to processed: seconds to hours (replays are old).
+LAG_BUCKETS = (0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 3600, 86400)
+
+
+class ParkingMetrics:
+    def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
+        self.events = Counter(
+            "parking_events_total",
+            "Camera events processed, by kind and outcome",
+            ["kind", "outcome"],
+            registry=registry,
+        )
+        self.rejected = Counter(
+            "parking_events_rejected_total",
+            "Events refused as bad input, by kind and reason",
+            ["kind", "reason"],
+            registry=registry,
+        )
+        self.processing = Histogram(
+            "parking_event_processing_seconds",
+            "Time to process one event, by kind",
+            ["kind"],
+            buckets=FAST_BUCKETS,
+            registry=registry,
+        )
+        self.event_lag = Histogram(
+            "parking_event_lag_seconds",
+            "From the event's own time to the end of its processing",
+            ["kind"],
+            buckets=LAG_BUCKETS,
+            registry=registry,
+        )
+        self.stays = Counter(
+            "parking_stays_total",
+            "Stays completed and handed to the summary API",
+            registry=registry,
+        )
+        self.unmatched = Counter(
+            "parking_exits_unmatched_total",
+            "Exits with no entry after the grace period (expected, not errors)",
+            registry=registry,
+        )
+        self.orphaned = Counter(
+            "parking_visits_orphaned_total",
+            "Visits closed without an exit, by cause",
+            ["cause"],
+            registry=registry,
+        )
+        self.clock_skew = Counter(
+            "parking_clock_skew_total",
+            "Stays whose exit was stamped before the entry and clamped",
+            registry=registry,
+        )
+        self.summary_post = Histogram(
+            "parking_summary_post_seconds",
+            "Time to post one stay summary to the API",
+            buckets=FAST_BUCKETS,
+            registry=registry,
+        )
+        self.summary_failures = Counter(
+            "parking_summary_post_failures_total",
+            "Summary posts that failed, by cause",
+            ["cause"],
+            registry=registry,
+        )
+        self.generated = Counter(
+            "parking_generated_events_total",
+            "Simulated events published by the generators, by kind",
+            ["kind"],
+            registry=registry,
+        )
+        self.occupancy = Gauge(
+            "parking_open_visits",
+            "Vehicles inside (open visits), read from the store",
+            multiprocess_mode="mostrecent",
+            registry=registry,
+        )
+        self.pending_exits = Gauge(
+            "parking_pending_exits",
+            "Exits waiting for their entry within the grace period",
+            multiprocess_mode="mostrecent",
+            registry=registry,
+        )
+
+
+_default: ParkingMetrics | None = None
+
+
+def default_metrics() -> ParkingMetrics:
+    """The process-wide metrics on the default registry, made on first use."""
+    global _default
+    if _default is None:
+        _default = ParkingMetrics()
+    return _default

@@ -1,0 +1,157 @@
+"""One typed settings object, read from ``PARKING_*`` variables and secret files."""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from urllib.parse import quote, urlsplit, urlunsplit
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+#: Passwords that ship as defaults somewhere; refused outside development.
+KNOWN_DEFAULT_PASSWORDS = frozenset(
+    {"guest", "admin", "changeme", "password", "secret", "redis", "rabbitmq"}
+)
+
+
+def _secrets_dir() -> list[Path]:
+    # Compose mounts secrets under /run/secrets; the local path uses ./secrets.
+    # Missing directories are skipped so that defaults work on a bare machine.
+    configured = os.environ.get("PARKING_SECRETS_DIR")
+    candidates = [Path(configured)] if configured else [Path("secrets")]
+    candidates.append(Path("/run/secrets"))
+    return [path for path in candidates if path.is_dir()]
+
+
+class Settings(BaseSettings):
+    """Everything the services read from their environment."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="PARKING_",
+        secrets_dir=_secrets_dir(),
+        extra="ignore",
+    )
+
+    environment: str = "development"
+
+    broker_url: str = "amqp://guest:guest@127.0.0.1:5672//"
+    broker_password: SecretStr | None = None
+    redis_url: str = "redis://127.0.0.1:6379"
+    redis_password: SecretStr | None = None
+    #: One Redis database per service (MISSION: one instance, a database each).
+    redis_db_store: int = 1
+    redis_db_generator: int = 2
+
+    queue_prefix: str = "parking"
+    delivery_limit: int = Field(default=10, ge=1)
+
+    summary_api_url: str = "http://127.0.0.1:8000"
+    summary_api_token: SecretStr | None = None
+    summary_timeout_seconds: float = Field(default=5.0, gt=0)
+    summary_csv: Path = Path("var/stays.csv")
+    api_host: str = "127.0.0.1"
+    api_port: int = 8000
+    api_require_token_for_reads: bool = False
+
+    match_ratio: float = Field(default=0.8, ge=0.0, le=1.0)
+    entry_interval_seconds: float = Field(default=0.5, gt=0)
+    exit_interval_seconds: float = Field(default=0.5, gt=0)
+    generator_burst: int = Field(default=1, ge=1)
+    #: The simulated car park holds this many; entries pause while it is full.
+    generator_capacity: int = Field(default=200, ge=1)
+
+    grace_seconds: int = Field(default=30, ge=1)
+    duplicate_window_seconds: float = Field(default=5.0, ge=0)
+    #: An exit stamped this much before its entry is camera clock skew.
+    clock_skew_seconds: float = Field(default=120.0, ge=0)
+    max_stay_hours: float = Field(default=72.0, gt=0)
+    sweep_interval_seconds: float = Field(default=5.0, gt=0)
+    #: Bookkeeping of processed event ids lives this long (redelivery window).
+    event_ttl_seconds: int = Field(default=7 * 24 * 3600, ge=60)
+
+    retry_max: int = Field(default=60, ge=0)
+    retry_backoff_cap_seconds: int = Field(default=60, ge=1)
+
+    worker_concurrency: int = Field(default=2, ge=1)
+    worker_metrics_port: int = 9808
+    flower_port: int = 5555
+    flower_user: str = "admin"
+    flower_password: SecretStr | None = None
+    var_dir: Path = Path("var")
+
+    @model_validator(mode="after")
+    def _refuse_default_passwords(self) -> Settings:
+        if self.environment == "development":
+            return self
+        offenders = [
+            name
+            for name, password in self.passwords().items()
+            if password in KNOWN_DEFAULT_PASSWORDS
+        ]
+        if offenders:
+            raise ValueError(
+                "known default password for "
+                + ", ".join(sorted(offenders))
+                + f" refused in environment {self.environment!r}"
+            )
+        return self
+
+    def passwords(self) -> dict[str, str]:
+        """Every password in effect, by what it protects (for checks, not logs)."""
+        found: dict[str, str] = {}
+        for name, url in (("broker", self.broker_url), ("redis", self.redis_url)):
+            password = urlsplit(url).password
+            if password:
+                found[name] = password
+        for name, secret in (
+            ("broker", self.broker_password),
+            ("redis", self.redis_password),
+            ("flower", self.flower_password),
+            ("summary_api", self.summary_api_token),
+        ):
+            if secret is not None:
+                found[name] = secret.get_secret_value()
+        return found
+
+    @property
+    def broker_connection_url(self) -> str:
+        return _with_password(self.broker_url, self.broker_password)
+
+    def redis_connection_url(self, db: int) -> str:
+        url = _with_password(self.redis_url, self.redis_password)
+        parts = urlsplit(url)
+        return urlunsplit(parts._replace(path=f"/{db}"))
+
+    def queue(self, kind: str) -> str:
+        return f"{self.queue_prefix}.{kind}"
+
+
+def _with_password(url: str, password: SecretStr | None) -> str:
+    if password is None:
+        return url
+    parts = urlsplit(url)
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    secret = quote(password.get_secret_value(), safe="")
+    return urlunsplit(parts._replace(netloc=f"{user}:{secret}@{host}"))
+
+
+def mask_url(url: str) -> str:
+    """The URL with any password replaced, safe to print or log."""
+    parts = urlsplit(url)
+    if not parts.password:
+        return url
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings; tests build their own ``Settings`` instead."""
+    return Settings()

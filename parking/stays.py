@@ -1,0 +1,75 @@
+"""A stay: one visit from entry to exit, the unit that gets invoiced."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from parking.events import format_time
+
+#: Namespace for stay ids: the same pair of events always gives the same id.
+_STAY_NAMESPACE = uuid.UUID("5b0f3a52-93a4-4d8e-a0f1-3c7e0a54f1d2")
+_ONE_MICROSECOND = timedelta(microseconds=1)
+
+
+@dataclass(frozen=True, slots=True)
+class Visit:
+    """One side of a stay as the store remembers it."""
+
+    event_id: str
+    plate: str
+    at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Stay:
+    stay_id: str
+    plate: str
+    entry_at: datetime
+    exit_at: datetime
+    #: True when the exit camera's time was before the entry's and was clamped.
+    clock_skew: bool = False
+
+    @classmethod
+    def between(cls, entry: Visit, exit_: Visit) -> Stay:
+        """The stay from two matched reads.
+
+        Camera clocks disagree: an exit stamped before its entry (within the
+        store's skew tolerance) is taken as leaving at the moment of entry, so
+        a stay is never negative; the row is flagged so it can be reviewed.
+        """
+        skewed = exit_.at < entry.at
+        stay_id = uuid.uuid5(_STAY_NAMESPACE, f"{entry.event_id}\x00{exit_.event_id}")
+        return cls(
+            stay_id=str(stay_id),
+            plate=entry.plate,
+            entry_at=entry.at,
+            exit_at=entry.at if skewed else exit_.at,
+            clock_skew=skewed,
+        )
+
+    @property
+    def duration(self) -> timedelta:
+        return self.exit_at - self.entry_at
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "stay_id": self.stay_id,
+            "vehicle_plate": self.plate,
+            "entry_date_time": format_time(self.entry_at),
+            "exit_date_time": format_time(self.exit_at),
+            "duration_seconds": format_seconds(self.duration),
+            "clock_skew": self.clock_skew,
+        }
+
+
+def format_seconds(span: timedelta) -> str:
+    """Exact seconds as decimal text: ``1602`` or ``1602.25``, never a float."""
+    micros = span // _ONE_MICROSECOND
+    sign = "-" if micros < 0 else ""
+    whole, fraction = divmod(abs(micros), 1_000_000)
+    if not fraction:
+        return f"{sign}{whole}"
+    return f"{sign}{whole}.{fraction:06d}".rstrip("0")

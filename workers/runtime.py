@@ -1,0 +1,98 @@
+"""Collaborators built once per process, and rebuilt in each forked child."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from functools import cache
+
+import redis
+
+from parking.clock import SystemClock
+from parking.generators import EventGenerator
+from parking.handlers import EntryEventProcessor, ExitEventProcessor
+from parking.metrics import ParkingMetrics, default_metrics
+from parking.settings import Settings, get_settings
+from parking.store import LedgerPolicy, RedisVisitStore
+from parking.summary_client import HttpSummarySink
+from parking.sweeper import Sweeper
+
+
+def _settings() -> Settings:
+    return get_settings()
+
+
+def _metrics() -> ParkingMetrics:
+    return default_metrics()
+
+
+@cache
+def store() -> RedisVisitStore:
+    settings = _settings()
+    client = redis.Redis.from_url(
+        settings.redis_connection_url(settings.redis_db_store),
+        socket_timeout=5,
+        socket_connect_timeout=2,
+        health_check_interval=30,
+    )
+    policy = LedgerPolicy(
+        duplicate_window=timedelta(seconds=settings.duplicate_window_seconds),
+        clock_skew=timedelta(seconds=settings.clock_skew_seconds),
+        grace=timedelta(seconds=settings.grace_seconds),
+        event_ttl=timedelta(seconds=settings.event_ttl_seconds),
+    )
+    return RedisVisitStore(client, policy, prefix=settings.queue_prefix)
+
+
+@cache
+def sink() -> HttpSummarySink:
+    settings = _settings()
+    token = settings.summary_api_token
+    return HttpSummarySink(
+        settings.summary_api_url,
+        _metrics(),
+        token=token.get_secret_value() if token else None,
+        timeout=settings.summary_timeout_seconds,
+    )
+
+
+@cache
+def entry_processor() -> EntryEventProcessor:
+    return EntryEventProcessor(store(), sink(), SystemClock(), _metrics())
+
+
+@cache
+def exit_processor() -> ExitEventProcessor:
+    return ExitEventProcessor(store(), sink(), SystemClock(), _metrics())
+
+
+@cache
+def sweeper() -> Sweeper:
+    max_stay = timedelta(hours=_settings().max_stay_hours)
+    return Sweeper(store(), SystemClock(), _metrics(), max_stay)
+
+
+@cache
+def generator_redis() -> redis.Redis:
+    settings = _settings()
+    url = settings.redis_connection_url(settings.redis_db_generator)
+    return redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=2)
+
+
+def generator(publish: object) -> EventGenerator:
+    settings = _settings()
+    return EventGenerator(
+        generator_redis(),
+        publish,  # type: ignore[arg-type]
+        SystemClock(),
+        _metrics(),
+        match_ratio=settings.match_ratio,
+        capacity=settings.generator_capacity,
+    )
+
+
+def reset() -> None:
+    """Forget every collaborator: a forked child must open its own sockets."""
+    for factory in (
+        store, sink, entry_processor, exit_processor, sweeper, generator_redis
+    ):
+        factory.cache_clear()

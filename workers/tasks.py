@@ -1,0 +1,95 @@
+"""Thin tasks: decode, hand to a handler, map errors to retry or dead letter."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import Task
+from celery.exceptions import Reject
+from kombu import Producer
+
+from parking.errors import InvalidEvent, SummaryRejected, TemporaryFailure
+from parking.events import EventKind
+from parking.handlers import MessageHandler
+from parking.settings import get_settings
+from workers import runtime
+from workers.app import app
+
+logger = logging.getLogger(__name__)
+
+
+def _run(task: Task, handler: MessageHandler, event: Any) -> str:
+    try:
+        return handler.process_message(event).outcome.value
+    except InvalidEvent as exc:
+        logger.warning(
+            "event rejected task=%s reason=%s detail=%s",
+            task.name, exc.reason, exc.detail,
+        )  # fmt: skip
+        raise Reject(str(exc), requeue=False) from None
+    except SummaryRejected as exc:
+        logger.error("summary refused task=%s error=%s", task.name, exc)
+        raise Reject(str(exc), requeue=False) from None
+    except TemporaryFailure as exc:
+        retries = task.request.retries
+        settings = get_settings()
+        if retries >= settings.retry_max:
+            logger.error(
+                "giving up after retries=%d task=%s error=%s", retries, task.name, exc
+            )
+            raise Reject(str(exc), requeue=False) from None
+        # Whole seconds: native delayed delivery on quorum queues has a
+        # resolution of one second and refuses fractions.
+        countdown = min(2**retries, settings.retry_backoff_cap_seconds)
+        logger.warning(
+            "retrying in=%ds attempt=%d task=%s error=%s",
+            countdown, retries + 1, task.name, exc,
+        )  # fmt: skip
+        raise task.retry(exc=exc, countdown=countdown, max_retries=None) from None
+
+
+@app.task(name="parking.process_entry", bind=True)
+def process_entry(self: Task, event: Any) -> str:
+    return _run(self, runtime.entry_processor(), event)
+
+
+@app.task(name="parking.process_exit", bind=True)
+def process_exit(self: Task, event: Any) -> str:
+    return _run(self, runtime.exit_processor(), event)
+
+
+PROCESSORS = {EventKind.ENTRY: process_entry, EventKind.EXIT: process_exit}
+
+
+def publish_events(
+    events: list[tuple[EventKind, Any]], producer: Producer | None = None
+) -> None:
+    """Send events to their processing tasks over one producer."""
+    with app.producer_or_acquire(producer) as chosen:
+        for kind, event in events:
+            PROCESSORS[kind].apply_async((event,), producer=chosen)
+
+
+def _generate(kind: EventKind, count: int) -> int:
+    batch: list[tuple[EventKind, Any]] = []
+    gen = runtime.generator(lambda k, event: batch.append((k, event)))
+    made = gen.entries(count) if kind is EventKind.ENTRY else gen.exits(count)
+    publish_events(batch)
+    return made
+
+
+@app.task(name="parking.generate_entry")
+def generate_entry(count: int = 1) -> int:
+    return _generate(EventKind.ENTRY, count)
+
+
+@app.task(name="parking.generate_exit")
+def generate_exit(count: int = 1) -> int:
+    return _generate(EventKind.EXIT, count)
+
+
+@app.task(name="parking.sweep")
+def sweep() -> dict[str, int]:
+    result = runtime.sweeper().sweep()
+    return {"unmatched": result.unmatched, "orphaned": result.orphaned}

@@ -1,0 +1,64 @@
+"""The one definition of exchanges and queues, shared by every producer and worker.
+
+RabbitMQ refuses a second declaration with other arguments
+(``PRECONDITION_FAILED inequivalent arg``), so nothing else declares queues.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kombu import Connection, Exchange, Queue
+
+from parking.settings import Settings
+
+KINDS = ("entry", "exit", "generate", "default")
+
+
+def task_exchange(settings: Settings) -> Exchange:
+    # A topic exchange: Celery's native delayed delivery (retries with a
+    # countdown on quorum queues) routes through topic bindings.
+    return Exchange(settings.queue_prefix, type="topic", durable=True)
+
+
+def dead_letter_exchange(settings: Settings) -> Exchange:
+    return Exchange(f"{settings.queue_prefix}.dlx", type="fanout", durable=True)
+
+
+def queue_arguments(settings: Settings) -> dict[str, Any]:
+    return {
+        "x-queue-type": "quorum",
+        "x-dead-letter-exchange": f"{settings.queue_prefix}.dlx",
+        # A message that kills its worker every time is requeued each time;
+        # past this many deliveries RabbitMQ dead-letters it instead.
+        "x-delivery-limit": settings.delivery_limit,
+    }
+
+
+def task_queues(settings: Settings) -> list[Queue]:
+    exchange = task_exchange(settings)
+    return [
+        Queue(
+            settings.queue(kind),
+            exchange,
+            routing_key=settings.queue(kind),
+            durable=True,
+            queue_arguments=queue_arguments(settings),
+        )
+        for kind in KINDS
+    ]
+
+
+def dead_letter_queue(settings: Settings) -> Queue:
+    return Queue(
+        settings.queue("dead"),
+        dead_letter_exchange(settings),
+        routing_key="#",
+        durable=True,
+        queue_arguments={"x-queue-type": "quorum"},
+    )
+
+
+def declare_dead_letters(connection: Connection, settings: Settings) -> None:
+    """Declare the dead-letter exchange and queue; without them RabbitMQ drops."""
+    dead_letter_queue(settings).bind(connection.default_channel).declare()
