@@ -44,7 +44,8 @@ task_routes = {
 # At-least-once: ack after the work, requeue the task of a killed child.
 task_acks_late = True
 task_reject_on_worker_lost = True
-task_acks_on_failure_or_timeout = True
+task_acks_on_failure = True
+task_acks_on_timeout = True
 worker_prefetch_multiplier = 8
 worker_concurrency = _settings.worker_concurrency
 

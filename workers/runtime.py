@@ -8,7 +8,7 @@ from functools import cache
 import redis
 
 from parking.clock import SystemClock
-from parking.generators import EventGenerator
+from parking.generators import EventGenerator, Publish
 from parking.handlers import EntryEventProcessor, ExitEventProcessor
 from parking.metrics import ParkingMetrics, default_metrics
 from parking.settings import Settings, get_settings
@@ -17,8 +17,18 @@ from parking.summary_client import HttpSummarySink
 from parking.sweeper import Sweeper
 
 
-def _settings() -> Settings:
-    return get_settings()
+_configured: Settings | None = None
+
+
+def configure(settings: Settings | None) -> None:
+    """Use these settings from now on (tests); ``None`` goes back to the env."""
+    global _configured
+    _configured = settings
+    reset()
+
+
+def settings() -> Settings:
+    return _configured or get_settings()
 
 
 def _metrics() -> ParkingMetrics:
@@ -27,31 +37,31 @@ def _metrics() -> ParkingMetrics:
 
 @cache
 def store() -> RedisVisitStore:
-    settings = _settings()
+    conf = settings()
     client = redis.Redis.from_url(
-        settings.redis_connection_url(settings.redis_db_store),
+        conf.redis_connection_url(conf.redis_db_store),
         socket_timeout=5,
         socket_connect_timeout=2,
         health_check_interval=30,
     )
     policy = LedgerPolicy(
-        duplicate_window=timedelta(seconds=settings.duplicate_window_seconds),
-        clock_skew=timedelta(seconds=settings.clock_skew_seconds),
-        grace=timedelta(seconds=settings.grace_seconds),
-        event_ttl=timedelta(seconds=settings.event_ttl_seconds),
+        duplicate_window=timedelta(seconds=conf.duplicate_window_seconds),
+        clock_skew=timedelta(seconds=conf.clock_skew_seconds),
+        grace=timedelta(seconds=conf.grace_seconds),
+        event_ttl=timedelta(seconds=conf.event_ttl_seconds),
     )
-    return RedisVisitStore(client, policy, prefix=settings.queue_prefix)
+    return RedisVisitStore(client, policy, prefix=conf.queue_prefix)
 
 
 @cache
 def sink() -> HttpSummarySink:
-    settings = _settings()
-    token = settings.summary_api_token
+    conf = settings()
+    token = conf.summary_api_token
     return HttpSummarySink(
-        settings.summary_api_url,
+        conf.summary_api_url,
         _metrics(),
         token=token.get_secret_value() if token else None,
-        timeout=settings.summary_timeout_seconds,
+        timeout=conf.summary_timeout_seconds,
     )
 
 
@@ -67,26 +77,26 @@ def exit_processor() -> ExitEventProcessor:
 
 @cache
 def sweeper() -> Sweeper:
-    max_stay = timedelta(hours=_settings().max_stay_hours)
+    max_stay = timedelta(hours=settings().max_stay_hours)
     return Sweeper(store(), SystemClock(), _metrics(), max_stay)
 
 
 @cache
 def generator_redis() -> redis.Redis:
-    settings = _settings()
-    url = settings.redis_connection_url(settings.redis_db_generator)
+    conf = settings()
+    url = conf.redis_connection_url(conf.redis_db_generator)
     return redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=2)
 
 
-def generator(publish: object) -> EventGenerator:
-    settings = _settings()
+def generator(publish: Publish) -> EventGenerator:
+    conf = settings()
     return EventGenerator(
         generator_redis(),
-        publish,  # type: ignore[arg-type]
+        publish,
         SystemClock(),
         _metrics(),
-        match_ratio=settings.match_ratio,
-        capacity=settings.generator_capacity,
+        match_ratio=conf.match_ratio,
+        capacity=conf.generator_capacity,
     )
 
 

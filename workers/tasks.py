@@ -12,7 +12,6 @@ from kombu import Producer
 from parking.errors import InvalidEvent, SummaryRejected, TemporaryFailure
 from parking.events import EventKind
 from parking.handlers import MessageHandler
-from parking.settings import get_settings
 from workers import runtime
 from workers.app import app
 
@@ -33,7 +32,7 @@ def _run(task: Task, handler: MessageHandler, event: Any) -> str:
         raise Reject(str(exc), requeue=False) from None
     except TemporaryFailure as exc:
         retries = task.request.retries
-        settings = get_settings()
+        settings = runtime.settings()
         if retries >= settings.retry_max:
             logger.error(
                 "giving up after retries=%d task=%s error=%s", retries, task.name, exc

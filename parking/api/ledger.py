@@ -48,7 +48,7 @@ class CsvLedger:
         self._fsync = fsync
         self._ids: set[str] = set()
         self._rows = 0
-        self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
+        self._queue: asyncio.Queue[_Pending] | None = None
         self._task: asyncio.Task[None] | None = None
         self._file: io.TextIOWrapper | None = None
 
@@ -59,6 +59,8 @@ class CsvLedger:
     async def start(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._recover()
+        # Made here, not in __init__: a queue belongs to the loop that runs it.
+        self._queue = asyncio.Queue()
         self._file = open(self.path, "a", encoding="utf-8", newline="")  # noqa: SIM115
         if self._file.tell() == 0:
             self._file.write(_encode([dict(zip(COLUMNS, COLUMNS, strict=True))]))
@@ -81,15 +83,18 @@ class CsvLedger:
         """Write one stay; ``False`` when its id is already in the file."""
         if row["stay_id"] in self._ids:
             return False
+        assert self._queue is not None, "ledger not started"
         done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         await self._queue.put(_Pending(row, done))
         return await done
 
     async def _write_forever(self) -> None:
+        queue = self._queue
+        assert queue is not None
         while True:
-            batch = [await self._queue.get()]
-            while len(batch) < MAX_BATCH and not self._queue.empty():
-                batch.append(self._queue.get_nowait())
+            batch = [await queue.get()]
+            while len(batch) < MAX_BATCH and not queue.empty():
+                batch.append(queue.get_nowait())
             try:
                 await self._write(batch)
             except Exception as exc:  # the writer must survive a full disk
@@ -129,6 +134,8 @@ class CsvLedger:
 
         A torn line was never acknowledged, so its sender retries it.
         """
+        self._ids = set()
+        self._rows = 0
         if not self.path.exists():
             return
         with open(self.path, "rb+") as raw:
