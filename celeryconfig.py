@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from beat_schedule import build_schedule
 from parking.settings import get_settings
-from workers.topology import task_exchange, task_queues
+from workers import topology
 
 _settings = get_settings()
 
@@ -15,9 +15,9 @@ broker_connection_max_retries = None  # keep reconnecting through an outage
 broker_transport_options = {"confirm_publish": True}
 broker_heartbeat = 30
 
-task_queues = task_queues(_settings)
+task_queues = topology.task_queues(_settings)
 task_default_queue = _settings.queue("default")
-task_default_exchange = task_exchange(_settings).name
+task_default_exchange = topology.task_exchange(_settings).name
 task_default_exchange_type = "topic"
 task_default_routing_key = _settings.queue("default")
 task_default_queue_type = "quorum"

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from kombu import Connection, Exchange, Queue
+from kombu.connection import Connection
+from kombu.entity import Exchange, Queue
 
 from parking.settings import Settings
 
