@@ -32,7 +32,7 @@ def _mark_process_dead(pid: int | None = None, **_: Any) -> None:
 class DeadLetterTopology(bootsteps.StartStopStep):
     """Declares the dead-letter exchange and queue on every (re)connection."""
 
-    requires = {"celery.worker.consumer.connection:Connection"}
+    requires = ("celery.worker.consumer.connection:Connection",)
 
     def start(self, parent: Any) -> None:
         declare_dead_letters(parent.connection, get_settings())

@@ -7,7 +7,7 @@ from typing import Any
 
 from celery import Task
 from celery.exceptions import Reject
-from kombu import Producer
+from kombu.messaging import Producer
 
 from parking.errors import InvalidEvent, SummaryRejected, TemporaryFailure
 from parking.events import EventKind
