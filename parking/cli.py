@@ -11,6 +11,7 @@ import logging
 import os
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,7 @@ def _processes(settings: Settings) -> dict[str, str]:
             f" -s {settings.var_dir / 'celerybeat-schedule'}"
         ),
         "api": f"{python} -m parking api",
+        "ingest": f"{python} -m parking ingest",
         "flower": (
             f"{python} -m celery -A workers flower --address=127.0.0.1"
             f" --port={settings.flower_port}{flower_auth}"
@@ -127,13 +129,17 @@ def classify(event: Any) -> EventKind | None:
 @main.command()
 @click.argument("path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--batch", default=500, show_default=True, help="Events per publish.")
-def replay(path: Path, batch: int) -> None:
+@click.option(
+    "--plain",
+    is_flag=True,
+    help="Publish bare JSON to the raw camera queues instead of Celery tasks.",
+)
+def replay(path: Path, batch: int, plain: bool) -> None:
     """Publish recorded wire-format events (JSON lines) for processing."""
     from rich.progress import Progress
 
-    from workers.tasks import publish_events
-
-    lines = path.read_text(encoding="utf-8").splitlines()
+    publish = _plain_publisher() if plain else _task_publisher()
+    lines = path.read_bytes().splitlines()
     pending: list[tuple[EventKind, Any]] = []
     sent = skipped = 0
     with Progress(console=console) as progress:
@@ -151,14 +157,39 @@ def replay(path: Path, batch: int) -> None:
                 skipped += 1
                 console.print(f"line {number}: not an entry or exit event, skipped")
                 continue
-            pending.append((kind, event))
+            pending.append((kind, line if plain else event))
             if len(pending) >= batch:
-                publish_events(pending)
+                publish(pending)
                 sent += len(pending)
                 pending.clear()
-        publish_events(pending)
+        publish(pending)
         sent += len(pending)
     console.print(f"published {sent} events, skipped {skipped}")
+
+
+def _task_publisher() -> Callable[[list[tuple[EventKind, Any]]], None]:
+    from workers.tasks import publish_events
+
+    return publish_events
+
+
+def _plain_publisher() -> Callable[[list[tuple[EventKind, Any]]], None]:
+    from workers.ingest import publish_plain
+
+    settings = get_settings()
+    return lambda events: publish_plain(settings, events)
+
+
+@main.command()
+def ingest() -> None:
+    """Consume bare JSON camera events from the raw queues (no Celery envelope)."""
+    from prometheus_client import start_http_server
+
+    from workers.ingest import run as run_ingest
+
+    settings = get_settings()
+    start_http_server(settings.ingest_metrics_port, addr="127.0.0.1")
+    run_ingest(settings)
 
 
 @main.command()

@@ -45,6 +45,10 @@ class Settings(BaseSettings):
     redis_db_generator: int = 2
 
     queue_prefix: str = "parking"
+    #: Queues of bare JSON events from cameras (``parking ingest``).
+    raw_entry_queue: str = "vehicle_entry"
+    raw_exit_queue: str = "vehicle_exit"
+    ingest_metrics_port: int = 9810
     delivery_limit: int = Field(default=10, ge=1)
 
     summary_api_url: str = "http://127.0.0.1:8000"

@@ -11,6 +11,7 @@ from typing import Any
 from kombu.connection import Connection
 from kombu.entity import Exchange, Queue
 
+from parking.events import EventKind
 from parking.settings import Settings
 
 KINDS = ("entry", "exit", "generate", "default")
@@ -63,3 +64,23 @@ def dead_letter_queue(settings: Settings) -> Queue:
 def declare_dead_letters(connection: Connection, settings: Settings) -> None:
     """Declare the dead-letter exchange and queue; without them RabbitMQ drops."""
     dead_letter_queue(settings).bind(connection.default_channel).declare()
+
+
+def raw_queue_name(settings: Settings, kind: EventKind) -> str:
+    return (
+        settings.raw_entry_queue if kind is EventKind.ENTRY else settings.raw_exit_queue
+    )
+
+
+def raw_queue(settings: Settings, kind: EventKind) -> Queue:
+    """A queue of bare wire-format JSON from cameras (no Celery envelope).
+
+    Bound to the default exchange under its own name, as plain AMQP
+    producers expect; quorum with the same dead letters as the task queues.
+    """
+    return Queue(
+        raw_queue_name(settings, kind),
+        routing_key=raw_queue_name(settings, kind),
+        durable=True,
+        queue_arguments=queue_arguments(settings),
+    )

@@ -1,0 +1,144 @@
+"""Bare JSON from cameras on the raw queues, through the same handlers."""
+
+from __future__ import annotations
+
+import csv
+import json
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from kombu.connection import Connection
+
+from parking.events import EventKind
+from parking.settings import get_settings
+from tests.services import ApiServer, wait_until
+from workers import runtime, topology
+from workers.ingest import PlainEventConsumer, publish_plain
+from workers.tasks import publish_events
+
+STAYS = [
+    ("PLN-001", "2024-09-11T21:24:56.123456789Z", "2024-09-11T23:00:00.987654321Z"),
+    ("pln 002", "2024-09-11T21:00:00+02:00", "2024-09-11T21:30:00+02:00"),
+    ("京A12345", "2019-04-07T02:00:09+11:00", "2019-04-07T04:52:07+10:00"),
+]
+
+
+def _events(tag: str) -> list[tuple[EventKind, dict[str, Any]]]:
+    events: list[tuple[EventKind, dict[str, Any]]] = []
+    for n, (plate, entry, exit_) in enumerate(STAYS):
+        extra = {"camera": "gate-3", "confidence": 0.93}
+        events.append(
+            (EventKind.ENTRY, {"id": f"{tag}-{n}-in", "vehicle_plate": plate,
+                               "entry_date_time": entry, **extra})
+        )  # fmt: skip
+        events.append(
+            (EventKind.EXIT, {"id": f"{tag}-{n}-out", "vehicle_plate": plate,
+                              "exit_date_time": exit_, **extra})
+        )  # fmt: skip
+    return events
+
+
+def _rows(server: ApiServer) -> list[dict[str, str]]:
+    if not server.csv.exists():
+        return []
+    with open(server.csv, newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+def _stays(rows: list[dict[str, str]]) -> set[tuple[str, ...]]:
+    columns = ("vehicle_plate", "entry_date_time", "exit_date_time", "duration_seconds")
+    return {tuple(row[c] for c in columns) for row in rows}
+
+
+@pytest.fixture
+def ingest(api_server: ApiServer) -> Iterator[PlainEventConsumer]:
+    settings = get_settings()
+    handlers = {
+        EventKind.ENTRY: runtime.entry_processor(),
+        EventKind.EXIT: runtime.exit_processor(),
+    }
+    handed: list[tuple[EventKind, Any, int]] = []
+    with Connection(settings.broker_connection_url) as connection:
+        consumer = PlainEventConsumer(
+            connection, settings, handlers, lambda *a: handed.append(a)
+        )
+        thread = threading.Thread(target=consumer.run, daemon=True)
+        thread.start()
+        try:
+            yield consumer
+        finally:
+            consumer.should_stop = True
+            thread.join(timeout=10)
+    assert not handed, "no dependency was down, so nothing should be handed off"
+
+
+def _purge_raw() -> None:
+    settings = get_settings()
+    with Connection(settings.broker_connection_url) as connection:
+        for kind in EventKind:
+            queue = topology.raw_queue(settings, kind).bind(connection.default_channel)
+            queue.declare()
+            queue.purge()
+
+
+def _dead_letters() -> list[bytes]:
+    settings = get_settings()
+    found = []
+    with Connection(settings.broker_connection_url) as connection:
+        queue = topology.dead_letter_queue(settings).bind(connection.default_channel)
+        queue.declare()
+        while (message := queue.get(no_ack=True)) is not None:
+            body = message.body  # py-amqp hands UTF-8 bodies over as text
+            found.append(body.encode() if isinstance(body, str) else body)
+    return found
+
+
+def test_plain_json_gives_the_same_stays_as_the_celery_path(
+    api_server: ApiServer, celery_worker: Any, ingest: PlainEventConsumer
+) -> None:
+    _purge_raw()
+    publish_events(_events("celery"))
+    wait_until(lambda: len(_rows(api_server)) == len(STAYS))
+    via_celery = _stays(_rows(api_server))
+
+    plain = [(kind, json.dumps(event).encode()) for kind, event in _events("plain")]
+    publish_plain(get_settings(), plain)
+    wait_until(lambda: len(_rows(api_server)) == 2 * len(STAYS))
+    rows = _rows(api_server)
+    assert _stays(rows) == via_celery
+    assert len({row["stay_id"] for row in rows}) == 2 * len(STAYS)
+    # The stay across the 2019 daylight-saving change: true elapsed time.
+    assert (
+        "京A12345",
+        "2019-04-06T15:00:09Z",
+        "2019-04-06T18:52:07Z",
+        "13918",
+    ) in via_celery
+
+
+def test_bad_plain_messages_are_dead_lettered_and_the_rest_processed(
+    api_server: ApiServer, ingest: PlainEventConsumer
+) -> None:
+    _purge_raw()
+    _dead_letters()
+    bad = [
+        (EventKind.ENTRY, b"{not json"),
+        (EventKind.ENTRY, b"\xff\xfe\x00garbage"),
+        (EventKind.EXIT, json.dumps({"id": "x", "vehicle_plate": "=HYPERLINK(1)",
+                                     "exit_date_time": "2024-01-01T00:00:00Z"}).encode()),
+        (EventKind.EXIT, json.dumps({"id": "y", "vehicle_plate": "AB1",
+                                     "exit_date_time": "2024-01-01T00:00:00"}).encode()),
+    ]  # fmt: skip
+    good = [(kind, json.dumps(event).encode()) for kind, event in _events("good")]
+    publish_plain(get_settings(), bad[:2] + good[:3] + bad[2:] + good[3:])
+    wait_until(lambda: len(_rows(api_server)) == len(STAYS))
+    dead: list[bytes] = []
+
+    def all_dead() -> bool:
+        dead.extend(_dead_letters())
+        return len(dead) >= len(bad)
+
+    wait_until(all_dead)
+    assert sorted(dead) == sorted(body for _, body in bad)
