@@ -27,7 +27,10 @@ LATEST = datetime(2100, 1, 1, tzinfo=UTC)
 _RFC3339 = re.compile(
     r"(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})"
     r"(?:\.(\d{1,9}))?"
-    r"(?:([Zz])|([+-])(\d{2}):(\d{2}))?"
+    r"(?:([Zz])|([+-])(\d{2}):(\d{2}))?",
+    # ASCII digits only: \d alone also matches full-width and other scripts'
+    # digits, which int() would quietly accept.
+    re.ASCII,
 )
 
 
@@ -72,6 +75,8 @@ def parse_time(value: object, field: str) -> datetime:
         raise InvalidEvent("naive_time", f"{field} has no UTC offset")
     offset = timedelta(0)
     if sign:
+        if int(oh) > 23 or int(om) > 59:
+            raise InvalidEvent("bad_time", f"{field} has an impossible UTC offset")
         offset = timedelta(hours=int(oh), minutes=int(om))
         if sign == "-":
             offset = -offset
