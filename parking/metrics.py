@@ -8,6 +8,9 @@ from __future__ import annotations
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
+from parking.events import EventKind
+from parking.store import Outcome
+
 #: Sub-millisecond work must land in distinct buckets, and outages in the top.
 FAST_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.003, 0.005,
@@ -15,6 +18,11 @@ FAST_BUCKETS = (
 )  # fmt: skip
 #: From an event's own time to processed: seconds to hours (replays are old).
 LAG_BUCKETS = (0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 3600, 86400)
+
+#: Label values known in advance (the summary client's causes and the ledger's
+#: orphan causes); a value missing here still counts, it just starts later.
+SUMMARY_FAILURE_CAUSES = ("unreachable", "server", "rejected")
+ORPHAN_CAUSES = ("late_entry", "reentry", "max_stay")
 
 
 class ParkingMetrics:
@@ -96,6 +104,27 @@ class ParkingMetrics:
             multiprocess_mode="mostrecent",
             registry=registry,
         )
+        self.match_ratio = Gauge(
+            "parking_generator_match_ratio",
+            "Configured share of simulated exits that belong to a car inside",
+            multiprocess_mode="max",
+            registry=registry,
+        )
+        self._zero_known_labels()
+
+    def _zero_known_labels(self) -> None:
+        # Series that exist at zero from the start: rate() and the dashboard's
+        # panels answer before the first event of a kind, and an alert on a
+        # failure ratio sees a denominator instead of nothing.
+        for kind in EventKind:
+            for outcome in Outcome:
+                self.events.labels(kind, outcome)
+            self.processing.labels(kind)
+            self.event_lag.labels(kind)
+        for cause in SUMMARY_FAILURE_CAUSES:
+            self.summary_failures.labels(cause)
+        for cause in ORPHAN_CAUSES:
+            self.orphaned.labels(cause)
 
 
 _default: ParkingMetrics | None = None

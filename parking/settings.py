@@ -80,6 +80,11 @@ class Settings(BaseSettings):
 
     worker_concurrency: int = Field(default=2, ge=1)
     worker_metrics_port: int = 9808
+    beat_metrics_port: int = 9809
+    #: Where the worker and beat serve /metrics; "0.0.0.0" in containers.
+    metrics_address: str = "127.0.0.1"
+    #: The worker endpoint ``parking status`` reads; empty: this host's port.
+    worker_metrics_url: str = ""
     flower_port: int = 5555
     flower_user: str = "admin"
     flower_password: SecretStr | None = None
