@@ -11,8 +11,8 @@ import time
 from typing import Any, Protocol
 
 from parking.clock import Clock
-from parking.events import CameraEvent, EventKind, parse_event
 from parking.errors import InvalidEvent
+from parking.events import CameraEvent, EventKind, parse_event
 from parking.metrics import ParkingMetrics
 from parking.stays import Stay, Visit
 from parking.store import Outcome, Transition, VisitStore
@@ -88,17 +88,20 @@ class _EventProcessor:
             report_unmatched(transition.superseded, self._metrics, "superseded")
 
     def _deliver(self, transition: Transition, first_time: bool) -> None:
-        assert transition.entry is not None and transition.exit is not None
+        assert transition.entry is not None
+        assert transition.exit is not None
         stay = Stay.between(transition.entry, transition.exit)
+        if first_time:
+            # Counted at the match, which the store makes once, not after the
+            # post: a failed post comes back as a duplicate, which counts nothing.
+            self._metrics.stays.inc()
+            if stay.clock_skew:
+                self._metrics.clock_skew.inc()
+                logger.info(
+                    "exit before entry clamped plate=%s stay=%s",
+                    stay.plate, stay.stay_id,
+                )  # fmt: skip
         self._sink.record(stay)
-        if not first_time:
-            return
-        self._metrics.stays.inc()
-        if stay.clock_skew:
-            self._metrics.clock_skew.inc()
-            logger.info(
-                "exit before entry clamped plate=%s stay=%s", stay.plate, stay.stay_id
-            )
         logger.debug("stay recorded plate=%s stay=%s", stay.plate, stay.stay_id)
 
 
