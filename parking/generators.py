@@ -7,6 +7,7 @@ import random
 import string
 import uuid
 from collections.abc import Callable
+from typing import Any
 
 import redis
 
@@ -21,6 +22,10 @@ logger = logging.getLogger(__name__)
 Publish = Callable[[EventKind, dict[str, str]], None]
 
 INSIDE_KEY = "parking:generator:inside"
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def random_plate(rng: random.Random) -> str:
@@ -68,8 +73,8 @@ class EventGenerator:
         known = sum(self._rng.random() < self._match_ratio for _ in range(count))
         # SPOP takes each plate once, atomically: no car leaves twice even with
         # several generators running.
-        raw = self._redis.spop(INSIDE_KEY, known) if known else []
-        leaving = [p.decode() if isinstance(p, bytes) else p for p in raw or []]
+        popped: Any = self._redis.spop(INSIDE_KEY, known) if known else []
+        leaving = [_text(plate) for plate in popped or []]
         if len(leaving) < known:
             # No car inside to leave: nothing happens at the gate.
             self._metrics.generated.labels("exit_none_inside").inc(known - len(leaving))

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import redis
 
@@ -219,7 +219,9 @@ class RedisVisitStore:
         """Pending exits whose grace period is over; each is returned once."""
         return self._take("pending", "exit", _micros(now), limit)
 
-    def take_stale_visits(self, opened_before: datetime, limit: int = 1000) -> list[Visit]:
+    def take_stale_visits(
+        self, opened_before: datetime, limit: int = 1000
+    ) -> list[Visit]:
         """Visits opened before the cut-off, closed here as orphans."""
         return self._take("open", "visit", _micros(opened_before), limit)
 
@@ -228,8 +230,12 @@ class RedisVisitStore:
         with _redis_errors():
             for bucket in range(BUCKETS):
                 tag = f"{self._prefix}:{{b{bucket}}}"
-                members = self._redis.zrangebyscore(
-                    f"{tag}:{index}", "-inf", due, start=0, num=limit
+                # Without scores, the reply is a plain list of members.
+                members = cast(
+                    "list[bytes | str]",
+                    self._redis.zrangebyscore(
+                        f"{tag}:{index}", "-inf", due, start=0, num=limit
+                    ),
                 )
                 if not members:
                     continue
