@@ -142,7 +142,9 @@ class CsvLedger:
             data = raw.read()
             if data and not data.endswith(b"\n"):
                 keep = data.rfind(b"\n") + 1
-                logger.warning("stays ledger dropping torn tail bytes=%d", len(data) - keep)
+                logger.warning(
+                    "stays ledger dropping torn tail bytes=%d", len(data) - keep
+                )
                 raw.truncate(keep)
         for row in self.read_all():
             self._ids.add(row["stay_id"])
@@ -157,6 +159,14 @@ class CsvLedger:
 
 def _encode(rows: list[dict[str, str]]) -> str:
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
-    writer.writerows({key: neutralise(row[key]) for key in COLUMNS} for row in rows)
+    plain = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
+    # The writer quotes only characters of its own line terminator, but every
+    # reader ends a row at a bare carriage return too: such rows get quoted.
+    quoted = csv.DictWriter(
+        buffer, fieldnames=COLUMNS, lineterminator="\n", quoting=csv.QUOTE_ALL
+    )
+    for row in rows:
+        cells = {key: neutralise(row[key]) for key in COLUMNS}
+        risky = any("\r" in cell for cell in cells.values())
+        (quoted if risky else plain).writerow(cells)
     return buffer.getvalue()
