@@ -7,10 +7,15 @@ import os
 from typing import Any
 
 from celery import bootsteps
-from celery.signals import worker_process_init, worker_process_shutdown
+from celery.signals import (
+    after_setup_logger,
+    worker_process_init,
+    worker_process_shutdown,
+)
 from prometheus_client import multiprocess
 
 from parking.settings import get_settings
+from workers import metrics as _celery_metrics  # noqa: F401 (signal handlers)
 from workers import runtime
 from workers.app import app
 from workers.topology import declare_dead_letters
@@ -27,6 +32,25 @@ def _fresh_collaborators(**_: Any) -> None:
 def _mark_process_dead(pid: int | None = None, **_: Any) -> None:
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         multiprocess.mark_process_dead(pid or os.getpid())
+
+
+#: Celery's loggers that write a line per task, and the level they keep:
+#: "received" and "succeeded" go; failures (ERROR) stay. Retries and rejects
+#: are logged by our tasks as one line each, without Celery's traceback.
+PER_TASK_LOGGERS = {
+    "celery.app.trace": logging.ERROR,
+    "celery.worker.strategy": logging.WARNING,
+}
+
+
+@after_setup_logger.connect
+def _per_task_lines_at_debug(loglevel: int | str | None = None, **_: Any) -> None:
+    # One line per event belongs at DEBUG, where the handlers write it; at
+    # INFO the worker keeps lifecycle lines and business outcomes.
+    level = logging.getLevelName(loglevel) if isinstance(loglevel, str) else loglevel
+    if isinstance(level, int) and level > logging.DEBUG:
+        for name, kept in PER_TASK_LOGGERS.items():
+            logging.getLogger(name).setLevel(kept)
 
 
 class DeadLetterTopology(bootsteps.StartStopStep):

@@ -12,6 +12,7 @@ from kombu.messaging import Producer
 from parking.errors import InvalidEvent, SummaryRejected, TemporaryFailure
 from parking.events import EventKind
 from parking.handlers import MessageHandler
+from workers import metrics as _celery_metrics  # noqa: F401 (publish signals)
 from workers import runtime
 from workers.app import app
 
