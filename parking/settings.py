@@ -32,6 +32,8 @@ class Settings(BaseSettings):
         env_prefix="PARKING_",
         secrets_dir=_secrets_dir(),
         extra="ignore",
+        # A validation error would otherwise quote the input, secrets included.
+        hide_input_in_errors=True,
     )
 
     environment: str = "development"
@@ -97,7 +99,7 @@ class Settings(BaseSettings):
         offenders = [
             name
             for name, password in self.passwords().items()
-            if password in KNOWN_DEFAULT_PASSWORDS
+            if password.lower() in KNOWN_DEFAULT_PASSWORDS
         ]
         if offenders:
             raise ValueError(
