@@ -44,7 +44,12 @@ task_routes = {
 # At-least-once: ack after the work, requeue the task of a killed child.
 task_acks_late = True
 task_reject_on_worker_lost = True
-task_acks_on_failure = True
+# Messages Celery cannot decode are dead-lettered and counted, not acked.
+worker_consumer = "workers.consumer:DeadLetteringConsumer"
+# A task that fails unexpectedly (a bug, a body of the wrong shape) is
+# rejected without requeue, so its message lands in the dead letters instead
+# of being acked and lost; expected outcomes never raise out of a task.
+task_acks_on_failure = False
 task_acks_on_timeout = True
 worker_prefetch_multiplier = 8
 worker_concurrency = _settings.worker_concurrency

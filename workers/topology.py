@@ -66,6 +66,19 @@ def declare_dead_letters(connection: Connection, settings: Settings) -> None:
     dead_letter_queue(settings).bind(connection.default_channel).declare()
 
 
+def declare_topology(connection: Connection, settings: Settings) -> None:
+    """Dead letters first, then every task queue, whatever a worker consumes.
+
+    Native delayed delivery binds all task queues at worker start; one that
+    does not exist yet (a worker started with ``-Q`` a subset on a fresh
+    broker) makes Celery give up delayed delivery, and so countdown retries.
+    """
+    declare_dead_letters(connection, settings)
+    channel = connection.default_channel
+    for queue in task_queues(settings):
+        queue.bind(channel).declare()
+
+
 def raw_queue_name(settings: Settings, kind: EventKind) -> str:
     return (
         settings.raw_entry_queue if kind is EventKind.ENTRY else settings.raw_exit_queue
