@@ -19,6 +19,7 @@ import click
 from rich.console import Console
 
 from parking.events import EventKind
+from parking.secrets import secrets_cli
 from parking.settings import Settings, get_settings, mask_url
 
 console = Console(stderr=True)
@@ -43,10 +44,6 @@ def main(log_level: str) -> None:
 def _processes(settings: Settings) -> dict[str, str]:
     python = sys.executable
     queues = ",".join(settings.queue(k) for k in ("entry", "exit", "generate", "default"))
-    flower_auth = ""
-    if settings.flower_password is not None:
-        # Flower reads it from this variable: nothing secret on a command line.
-        flower_auth = " --basic-auth=$FLOWER_BASIC_AUTH"
     return {
         "worker": (
             f"{python} -m celery -A workers worker -Q {queues}"
@@ -60,7 +57,7 @@ def _processes(settings: Settings) -> dict[str, str]:
         "ingest": f"{python} -m parking ingest",
         "flower": (
             f"{python} -m celery -A workers flower --address=127.0.0.1"
-            f" --port={settings.flower_port}{flower_auth}"
+            f" --port={settings.flower_port}"
         ),
     }
 
@@ -80,6 +77,9 @@ def run() -> None:
     metrics_dir.mkdir(parents=True)
     env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir.resolve())
     if settings.flower_password is not None:
+        # Flower reads its option from this variable by itself: a
+        # --basic-auth=$FLOWER_BASIC_AUTH argument would be expanded by the
+        # shell and put the password on a command line anyone can list.
         password = settings.flower_password.get_secret_value()
         env["FLOWER_BASIC_AUTH"] = f"{settings.flower_user}:{password}"
 
@@ -204,3 +204,6 @@ def generate(entries: int, exits: int) -> None:
     if exits:
         generate_exit.delay(count=exits)
     console.print(f"queued bursts: entries={entries} exits={exits}")
+
+
+main.add_command(secrets_cli)
