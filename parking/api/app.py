@@ -15,7 +15,13 @@ from typing import Annotated, Any
 from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CollectorRegistry, Counter, Histogram, make_asgi_app
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from parking.api.ledger import CsvLedger
 from parking.errors import InvalidEvent
@@ -30,7 +36,11 @@ logger = logging.getLogger(__name__)
 class StaySummary(BaseModel):
     """One stay as the workers post it."""
 
-    stay_id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._:-]+$")
+    #: Starts with a letter or digit: the CSV would neutralise a leading dash,
+    #: and the stored id would then no longer dedupe after a restart.
+    stay_id: str = Field(
+        min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*$"
+    )
     vehicle_plate: str
     entry_date_time: datetime
     exit_date_time: datetime
@@ -44,9 +54,9 @@ class StaySummary(BaseModel):
 
     @field_validator("entry_date_time", "exit_date_time", mode="before")
     @classmethod
-    def _time(cls, value: Any) -> datetime:
+    def _time(cls, value: Any, info: ValidationInfo) -> datetime:
         try:
-            return parse_time(value, "time")
+            return parse_time(value, info.field_name or "time")
         except InvalidEvent as exc:
             raise ValueError(exc.detail) from None
 
