@@ -41,9 +41,15 @@ def main(log_level: str) -> None:
     )
 
 
+#: The processes of ``parking run`` whose metrics the worker endpoint merges.
+MULTIPROCESS_METRICS = frozenset({"worker", "ingest"})
+
+
 def _processes(settings: Settings) -> dict[str, str]:
     python = sys.executable
-    queues = ",".join(settings.queue(k) for k in ("entry", "exit", "generate", "default"))
+    queues = ",".join(
+        settings.queue(k) for k in ("entry", "exit", "generate", "default")
+    )
     return {
         "worker": (
             f"{python} -m celery -A workers worker -Q {queues}"
@@ -70,12 +76,15 @@ def run() -> None:
 
     settings = get_settings()
     settings.var_dir.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ)
+    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
     metrics_dir = settings.var_dir / "prometheus"
     # Multiprocess metrics files of a previous run would be counted again.
     shutil.rmtree(metrics_dir, ignore_errors=True)
     metrics_dir.mkdir(parents=True)
-    env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir.resolve())
+    # Only processes whose values the worker's endpoint should serve write
+    # there; beat, the API and Flower serve their own, and their files in the
+    # directory would show up twice.
+    merged_env = dict(env, PROMETHEUS_MULTIPROC_DIR=str(metrics_dir.resolve()))
     if settings.flower_password is not None:
         # Flower reads its option from this variable by itself: a
         # --basic-auth=$FLOWER_BASIC_AUTH argument would be expanded by the
@@ -92,7 +101,8 @@ def run() -> None:
 
     manager = Manager(Printer(sys.stdout))
     for name, command in _processes(settings).items():
-        manager.add_process(name, command, env=env)
+        merged = name in MULTIPROCESS_METRICS
+        manager.add_process(name, command, env=merged_env if merged else env)
     manager.loop()
     sys.exit(manager.returncode)
 
@@ -207,3 +217,50 @@ def generate(entries: int, exits: int) -> None:
 
 
 main.add_command(secrets_cli)
+
+
+@main.command()
+@click.option(
+    "--worker-url",
+    envvar="PARKING_WORKER_METRICS_URL",
+    default=None,
+    help="Worker /metrics (env PARKING_WORKER_METRICS_URL; default: local port).",
+)
+@click.option(
+    "--api-url",
+    envvar="PARKING_STATUS_API_URL",
+    default=None,
+    help="Summary API /metrics (env PARKING_STATUS_API_URL; default from the API URL).",
+)
+@click.option(
+    "--interval",
+    envvar="PARKING_STATUS_INTERVAL",
+    type=click.FloatRange(min=0.1),
+    default=2.0,
+    show_default=True,
+    help="Seconds between scrapes: the window of rates and percentiles.",
+)
+@click.option("--once", is_flag=True, help="Print one view and exit (1: worker down).")
+@click.option("--json", "as_json", is_flag=True, help="With --once: print JSON.")
+def status(
+    worker_url: str | None,
+    api_url: str | None,
+    interval: float,
+    once: bool,
+    as_json: bool,
+) -> None:
+    """Live view of rates, latency, occupancy, matched share and queues."""
+    from parking import status as view
+
+    settings = get_settings()
+    worker = worker_url or settings.worker_metrics_url
+    worker = worker or f"http://127.0.0.1:{settings.worker_metrics_port}/metrics"
+    api = api_url or settings.summary_api_url.rstrip("/") + "/metrics"
+    emit = None
+    if as_json:
+
+        def emit(data: dict[str, Any]) -> None:
+            click.echo(json.dumps(data, indent=2, sort_keys=True))
+
+    out = Console()
+    sys.exit(view.run(worker, api, interval, once or as_json, out, emit))
