@@ -41,8 +41,9 @@ def main(log_level: str) -> None:
     )
 
 
-#: The processes of ``parking run`` whose metrics the worker endpoint merges.
-MULTIPROCESS_METRICS = frozenset({"worker", "ingest"})
+#: The processes of ``parking run`` whose metrics the worker endpoint merges;
+#: every other one serves its own /metrics.
+MULTIPROCESS_METRICS = frozenset({"worker"})
 
 
 def _processes(settings: Settings) -> dict[str, str]:
@@ -81,9 +82,8 @@ def run() -> None:
     # Multiprocess metrics files of a previous run would be counted again.
     shutil.rmtree(metrics_dir, ignore_errors=True)
     metrics_dir.mkdir(parents=True)
-    # Only processes whose values the worker's endpoint should serve write
-    # there; beat, the API and Flower serve their own, and their files in the
-    # directory would show up twice.
+    # Only the worker writes there: the other processes serve their own
+    # /metrics, and their files in the directory would be counted twice.
     merged_env = dict(env, PROMETHEUS_MULTIPROC_DIR=str(metrics_dir.resolve()))
     if settings.flower_password is not None:
         # Flower reads its option from this variable by itself: a
