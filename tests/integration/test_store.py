@@ -1,0 +1,437 @@
+"""The visit ledger's Lua steps against the real Redis (a test database)."""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+import redis
+from redis.commands.core import Script
+from redis.crc import key_slot
+
+from parking.events import CameraEvent, EventKind
+from parking.plates import normalise_plate
+from parking.stays import Stay, Visit
+from parking.store import LedgerPolicy, Outcome, RedisVisitStore, Transition
+
+POLICY = LedgerPolicy(
+    duplicate_window=timedelta(seconds=5),
+    clock_skew=timedelta(minutes=2),
+    grace=timedelta(seconds=30),
+    event_ttl=timedelta(days=7),
+)
+#: Processing time; event times below are camera times, set apart on purpose.
+NOW = datetime(2026, 12, 3, 12, 0, 0, tzinfo=UTC)
+T = datetime(2024, 9, 11, 21, 24, 56, 123456, tzinfo=UTC)
+US = timedelta(microseconds=1)
+
+
+@pytest.fixture
+def store(store_redis: redis.Redis) -> RedisVisitStore:
+    return RedisVisitStore(store_redis, POLICY, prefix="ptest")
+
+
+def _event(kind: EventKind, event_id: str, at: datetime, plate: str) -> CameraEvent:
+    return CameraEvent(kind, event_id, plate, normalise_plate(plate), at)
+
+
+def _entry(event_id: str, at: datetime, plate: str = "AB-123") -> CameraEvent:
+    return _event(EventKind.ENTRY, event_id, at, plate)
+
+
+def _exit(event_id: str, at: datetime, plate: str = "ab 123") -> CameraEvent:
+    return _event(EventKind.EXIT, event_id, at, plate)
+
+
+def _visit(event: CameraEvent) -> Visit:
+    return Visit(event.id, event.plate, event.at)
+
+
+def test_an_entry_then_its_exit_match(store: RedisVisitStore) -> None:
+    entry, exit_ = _entry("e1", T), _exit("x1", T + timedelta(minutes=26))
+
+    opened = store.enter(entry, NOW)
+    assert store.counts() == {"open": 1, "pending": 0}
+    matched = store.leave(exit_, NOW)
+
+    assert opened == Transition(Outcome.OPENED)
+    assert matched == Transition(
+        Outcome.MATCHED, entry=_visit(entry), exit=_visit(exit_)
+    )
+    assert store.counts() == {"open": 0, "pending": 0}
+
+
+def test_times_keep_their_microseconds_through_the_store(
+    store: RedisVisitStore,
+) -> None:
+    far = datetime(2099, 12, 31, 23, 59, 59, 999999, tzinfo=UTC)
+    store.enter(_entry("e1", far - timedelta(days=1, microseconds=1)), NOW)
+
+    matched = store.leave(_exit("x1", far), NOW)
+
+    assert matched.entry is not None
+    assert matched.exit is not None
+    assert matched.exit.at - matched.entry.at == timedelta(days=1, microseconds=1)
+
+
+def test_an_exit_before_its_entry_waits_and_the_entry_completes_it(
+    store: RedisVisitStore,
+) -> None:
+    exit_, entry = _exit("x1", T + timedelta(hours=1)), _entry("e1", T)
+
+    pending = store.leave(exit_, NOW)
+    assert store.counts() == {"open": 0, "pending": 1}
+    matched = store.enter(entry, NOW + timedelta(seconds=3))
+
+    assert pending == Transition(Outcome.PENDING)
+    assert matched == Transition(
+        Outcome.MATCHED, entry=_visit(entry), exit=_visit(exit_)
+    )
+    assert store.counts() == {"open": 0, "pending": 0}
+    assert store.take_expired_exits(NOW + timedelta(days=1)) == []
+
+
+def test_a_pending_exit_is_given_up_once_after_the_grace_period(
+    store: RedisVisitStore,
+) -> None:
+    exit_ = _exit("x1", T)
+    store.leave(exit_, NOW)
+    due = NOW + POLICY.grace
+
+    too_early = store.take_expired_exits(due - US)
+    expired = store.take_expired_exits(due)
+    again = store.take_expired_exits(due + timedelta(hours=1))
+
+    assert too_early == []
+    assert expired == [_visit(exit_)]
+    assert again == []
+    assert store.counts() == {"open": 0, "pending": 0}
+
+
+def test_an_entry_after_the_grace_period_opens_a_visit_of_its_own(
+    store: RedisVisitStore,
+) -> None:
+    store.leave(_exit("x1", T + timedelta(minutes=5)), NOW)
+    store.take_expired_exits(NOW + POLICY.grace)
+
+    late = store.enter(_entry("e1", T), NOW + POLICY.grace)
+
+    assert late == Transition(Outcome.OPENED)
+    assert store.counts() == {"open": 1, "pending": 0}
+
+
+@pytest.mark.parametrize(
+    ("steps", "first_outcome"),
+    [
+        pytest.param(["enter"], Outcome.OPENED, id="entry-opened"),
+        pytest.param(["leave"], Outcome.PENDING, id="exit-pending"),
+        pytest.param(["enter", "leave"], Outcome.MATCHED, id="exit-matched"),
+    ],
+)
+def test_a_redelivered_event_is_a_duplicate_carrying_the_first_transition(
+    store: RedisVisitStore, steps: list[str], first_outcome: Outcome
+) -> None:
+    entry, exit_ = _entry("e1", T), _exit("x1", T + timedelta(hours=1))
+    first: Transition | None = None
+    for step in steps:
+        first = store.enter(entry, NOW) if step == "enter" else store.leave(exit_, NOW)
+    counts = store.counts()
+
+    last = steps[-1]
+    again = store.enter(entry, NOW) if last == "enter" else store.leave(exit_, NOW)
+
+    assert first is not None
+    assert first.outcome is first_outcome
+    assert again == Transition(Outcome.DUPLICATE, first=first)
+    assert store.counts() == counts
+
+
+def test_a_redelivered_matched_exit_still_names_both_sides(
+    store: RedisVisitStore,
+) -> None:
+    entry, exit_ = _entry("e1", T), _exit("x1", T + timedelta(hours=1))
+    store.enter(entry, NOW)
+    store.leave(exit_, NOW)
+
+    again = store.leave(exit_, NOW + timedelta(minutes=5))
+
+    assert again.first is not None
+    assert again.first.entry == _visit(entry)
+    assert again.first.exit == _visit(exit_)
+    stay = Stay.between(again.first.entry, again.first.exit)
+    assert stay == Stay.between(_visit(entry), _visit(exit_))
+
+
+def test_a_second_read_of_an_entry_within_the_window_is_one_event(
+    store: RedisVisitStore,
+) -> None:
+    store.enter(_entry("e1", T), NOW)
+
+    twice = store.enter(_entry("e2", T + timedelta(seconds=3)), NOW)
+    before = store.enter(_entry("e3", T - timedelta(seconds=5)), NOW)
+
+    assert twice.outcome is Outcome.DUPLICATE_READ
+    assert before.outcome is Outcome.DUPLICATE_READ
+    matched = store.leave(_exit("x1", T + timedelta(hours=1)), NOW)
+    assert matched.entry is not None
+    assert matched.entry.event_id == "e1"
+
+
+def test_a_second_read_of_a_pending_exit_within_the_window_is_one_event(
+    store: RedisVisitStore,
+) -> None:
+    store.leave(_exit("x1", T), NOW)
+
+    twice = store.leave(_exit("x2", T + timedelta(seconds=2)), NOW)
+
+    assert twice.outcome is Outcome.DUPLICATE_READ
+    assert store.take_expired_exits(NOW + POLICY.grace) == [_visit(_exit("x1", T))]
+
+
+def test_a_second_read_of_a_matched_exit_within_the_window_is_one_event(
+    store: RedisVisitStore,
+) -> None:
+    store.enter(_entry("e1", T), NOW)
+    store.leave(_exit("x1", T + timedelta(hours=1)), NOW)
+
+    twice = store.leave(_exit("x2", T + timedelta(hours=1, seconds=2)), NOW)
+
+    assert twice.outcome is Outcome.DUPLICATE_READ
+    assert store.counts() == {"open": 0, "pending": 0}
+
+
+def test_reads_further_apart_than_the_window_are_separate_events(
+    store: RedisVisitStore,
+) -> None:
+    store.leave(_exit("x1", T), NOW)
+
+    later = store.leave(_exit("x2", T + timedelta(seconds=6)), NOW)
+
+    assert later == Transition(Outcome.PENDING, superseded=_visit(_exit("x1", T)))
+    assert store.counts() == {"open": 0, "pending": 1}
+
+
+def test_a_reentry_without_an_exit_orphans_the_old_visit(
+    store: RedisVisitStore,
+) -> None:
+    first, second = _entry("e1", T), _entry("e2", T + timedelta(hours=2))
+    store.enter(first, NOW)
+
+    reentry = store.enter(second, NOW)
+    matched = store.leave(_exit("x1", T + timedelta(hours=3)), NOW)
+
+    assert reentry == Transition(Outcome.OPENED, orphan=_visit(first))
+    assert matched.entry == _visit(second)
+    assert store.counts() == {"open": 0, "pending": 0}
+
+
+def test_a_late_entry_earlier_than_the_open_visit_is_orphaned(
+    store: RedisVisitStore,
+) -> None:
+    current, stale = _entry("e1", T), _entry("e0", T - timedelta(hours=1))
+    store.enter(current, NOW)
+
+    late = store.enter(stale, NOW)
+    matched = store.leave(_exit("x1", T + timedelta(hours=1)), NOW)
+
+    assert late == Transition(Outcome.ORPHANED, orphan=_visit(stale))
+    assert matched.entry == _visit(current)
+
+
+@pytest.mark.parametrize(
+    "skew",
+    [
+        pytest.param(timedelta(seconds=1), id="one-second"),
+        pytest.param(POLICY.clock_skew, id="at-the-tolerance"),
+    ],
+)
+def test_an_exit_stamped_before_its_entry_within_the_skew_matches(
+    store: RedisVisitStore, skew: timedelta
+) -> None:
+    entry, exit_ = _entry("e1", T), _exit("x1", T - skew)
+    store.enter(entry, NOW)
+
+    matched = store.leave(exit_, NOW)
+
+    assert matched.outcome is Outcome.MATCHED
+    assert matched.exit == _visit(exit_)
+    assert matched.entry is not None
+    stay = Stay.between(matched.entry, matched.exit)
+    assert stay.duration == timedelta(0)
+    assert stay.clock_skew is True
+
+
+def test_an_exit_stamped_before_its_entry_beyond_the_skew_waits(
+    store: RedisVisitStore,
+) -> None:
+    store.enter(_entry("e1", T), NOW)
+
+    far_earlier = store.leave(_exit("x1", T - POLICY.clock_skew - US), NOW)
+
+    assert far_earlier == Transition(Outcome.PENDING)
+    assert store.counts() == {"open": 1, "pending": 1}
+
+
+@pytest.mark.parametrize(
+    ("after", "outcome", "counts"),
+    [
+        pytest.param(
+            timedelta(seconds=90),
+            Outcome.MATCHED,
+            {"open": 0, "pending": 0},
+            id="within-skew",
+        ),
+        pytest.param(
+            POLICY.clock_skew + US,
+            Outcome.OPENED,
+            {"open": 1, "pending": 1},
+            id="beyond-skew",
+        ),
+    ],
+)
+def test_an_entry_later_than_its_pending_exit_uses_the_same_skew(
+    store: RedisVisitStore, after: timedelta, outcome: Outcome, counts: dict[str, int]
+) -> None:
+    store.leave(_exit("x1", T), NOW)
+
+    entered = store.enter(_entry("e1", T + after), NOW)
+
+    assert entered.outcome is outcome
+    assert store.counts() == counts
+
+
+def test_visits_open_too_long_are_taken_once(store: RedisVisitStore) -> None:
+    old, young = _entry("e1", T), _entry("e2", T, plate="ZZ-999")
+    store.enter(old, NOW)
+    store.enter(young, NOW + timedelta(hours=1))
+
+    none = store.take_stale_visits(NOW - US)
+    stale = store.take_stale_visits(NOW)
+    again = store.take_stale_visits(NOW)
+
+    assert none == []
+    assert stale == [_visit(old)]
+    assert again == []
+    assert store.counts() == {"open": 1, "pending": 0}
+    # The orphaned visit is gone: its late exit now waits for an entry.
+    assert store.leave(_exit("x1", T + timedelta(hours=80)), NOW).outcome is (
+        Outcome.PENDING
+    )
+
+
+def test_counts_add_up_over_every_bucket(store: RedisVisitStore) -> None:
+    plates = [f"P{n:03d}" for n in range(40)]
+    for n, plate in enumerate(plates):
+        store.enter(_entry(f"e{n}", T, plate=plate), NOW)
+    for n, plate in enumerate(plates[:10]):
+        store.leave(_exit(f"x{n}", T + timedelta(hours=1), plate=plate), NOW)
+    for n in range(7):
+        store.leave(_exit(f"u{n}", T, plate=f"UNKNOWN{n}"), NOW)
+
+    assert store.counts() == {"open": 30, "pending": 7}
+    assert len(store.take_stale_visits(NOW)) == 30
+    assert len(store.take_expired_exits(NOW + POLICY.grace)) == 7
+    assert store.counts() == {"open": 0, "pending": 0}
+
+
+def _busy_day(store: RedisVisitStore) -> None:
+    """Every kind of step once or more, for tests about the keys they leave."""
+    store.enter(_entry("e1", T), NOW)
+    store.enter(_entry("e1", T), NOW)
+    store.enter(_entry("e1b", T + timedelta(seconds=2)), NOW)
+    store.leave(_exit("x1", T + timedelta(hours=1)), NOW)
+    store.leave(_exit("x1b", T + timedelta(hours=1, seconds=1)), NOW)
+    store.leave(_exit("x2", T, plate="NEVER-IN"), NOW)
+    store.leave(_exit("x3", T + timedelta(minutes=1), plate="NEVER-IN"), NOW)
+    store.leave(_exit("x4", T, plate="LATE-1"), NOW)
+    store.enter(_entry("e4", T - timedelta(hours=1), plate="LATE-1"), NOW)
+    store.enter(_entry("e5", T, plate="STAYS-1"), NOW)
+    store.enter(_entry("e6", T + timedelta(hours=1), plate="STAYS-1"), NOW)
+    store.enter(_entry("e7", T, plate="STAYS-1"), NOW)
+    store.enter(_entry("e8", T, plate="GONE-1"), NOW)
+    store.leave(_exit("x9", T, plate="GIVEN-UP"), NOW)
+    store.take_expired_exits(NOW + POLICY.grace)
+    store.take_stale_visits(NOW)
+    store.enter(_entry("e10", T, plate="STILL-IN"), NOW + timedelta(seconds=1))
+
+
+def test_every_key_but_open_visits_and_indexes_expires(
+    store: RedisVisitStore, store_redis: redis.Redis
+) -> None:
+    _busy_day(store)
+    store.leave(_exit("x11", T, plate="WAITING"), NOW + timedelta(seconds=1))
+
+    kinds: dict[str, int] = {}
+    for raw in store_redis.scan_iter(count=1000):
+        key = raw.decode()
+        kind = key.split(":")[2]
+        kinds[kind] = kinds.get(kind, 0) + 1
+        ttl = store_redis.ttl(key)
+        if kind in ("visit", "open", "pending"):
+            assert ttl == -1, key
+        else:
+            assert ttl > 0, f"{key} has no TTL"
+
+    # Open visits and pending exits that the sweep has not taken are all
+    # that is left of them; everything else is bounded by its TTL.
+    assert kinds.get("visit") == 1
+    assert kinds.get("exit") == 1
+    assert kinds.get("event", 0) >= 15
+    assert kinds.get("last") == 1
+    assert store.counts() == {"open": 1, "pending": 1}
+
+
+def test_bookkeeping_keys_live_as_long_as_the_policy_says(
+    store: RedisVisitStore, store_redis: redis.Redis
+) -> None:
+    store.leave(_exit("x1", T), NOW)
+
+    ttls = {
+        raw.decode().split(":")[2]: store_redis.ttl(raw)
+        for raw in store_redis.scan_iter()
+    }
+
+    week = int(POLICY.event_ttl.total_seconds())
+    assert week - 5 <= ttls["event"] <= week
+    # A pending exit outlives its grace period until a sweep can take it.
+    assert ttls["exit"] > POLICY.grace.total_seconds()
+
+
+@pytest.fixture
+def script_keys(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
+    """The keys of every Lua call the store makes, however it is sent."""
+    calls: list[list[str]] = []
+    original = Script.__call__
+
+    def recording(
+        self: Script, keys: list[Any] | None = None, *args: Any, **kwargs: Any
+    ) -> Any:
+        calls.append([str(key) for key in keys or []])
+        return original(self, keys, *args, **kwargs)
+
+    monkeypatch.setattr(Script, "__call__", recording)
+    return calls
+
+
+def _hash_tag(key: str) -> str:
+    found = re.search(r"\{([^}]+)\}", key)
+    assert found is not None, f"{key} has no hash tag"
+    return found.group(1)
+
+
+def test_the_keys_of_one_step_share_one_hash_tag(
+    store: RedisVisitStore, script_keys: list[list[str]]
+) -> None:
+    _busy_day(store)
+
+    assert len(script_keys) >= 17
+    tags = set()
+    for keys in script_keys:
+        step_tags = {_hash_tag(key) for key in keys}
+        assert len(step_tags) == 1, keys
+        assert len({key_slot(key.encode()) for key in keys}) == 1, keys
+        tags |= step_tags
+    # The plates of the day spread over more than one bucket.
+    assert len(tags) > 1
