@@ -77,7 +77,9 @@ if visit[1] and at >= tonumber(visit[3]) - skew then
   redis.call('DEL', visit_key)
   redis.call('ZREM', open_key, member)
   if dup > 0 then
-    redis.call('SET', last_key, at_s, 'PX', math.ceil(dup / 1000) + 1000)
+    -- Compared in event time, so kept as long as a pending exit: a second
+    -- read that waited in a backlog for seconds is still the same exit.
+    redis.call('SET', last_key, at_s, 'EX', ARGV[10])
   end
   result = cjson.encode({o='matched',
     entry={id=visit[1], plate=visit[2], at=visit[3]}, exit=this})

@@ -435,3 +435,16 @@ def test_the_keys_of_one_step_share_one_hash_tag(
         tags |= step_tags
     # The plates of the day spread over more than one bucket.
     assert len(tags) > 1
+
+
+def test_a_matched_exit_is_remembered_while_a_second_read_may_lag(
+    store: RedisVisitStore, store_redis: redis.Redis
+) -> None:
+    store.enter(_entry("e1", T), NOW)
+    store.leave(_exit("x1", T + timedelta(hours=1)), NOW)
+
+    [last] = store_redis.scan_iter(match="*:last:*")
+
+    # The window is in event time; a second read stuck behind a backlog for
+    # longer than the window must still be merged, not become a pending exit.
+    assert store_redis.ttl(last) >= POLICY.grace.total_seconds()
