@@ -221,7 +221,10 @@ async def test_a_body_that_is_not_json_is_refused(client: httpx.AsyncClient) -> 
     assert response.status_code == 422
 
 
-@pytest.mark.parametrize("plate", ["ÄÖ-123", "京A12345"])
+@pytest.mark.parametrize(
+    "plate",
+    [pytest.param("ÄÖ-123", id="german"), pytest.param("京A12345", id="chinese")],
+)
 async def test_non_ascii_plates_round_trip(
     client: httpx.AsyncClient, settings: Settings, plate: str
 ) -> None:

@@ -142,7 +142,15 @@ def test_formula_cells_are_neutralised(path: Path, cell: str, stored: str) -> No
     assert record["vehicle_plate"] == stored
 
 
-@pytest.mark.parametrize("plate", ["ÄÖ-123", "京A12345", "Ω 77", "ŁÓDŹ 1"])
+@pytest.mark.parametrize(
+    "plate",
+    [
+        pytest.param("ÄÖ-123", id="german"),
+        pytest.param("京A12345", id="chinese"),
+        pytest.param("Ω 77", id="greek"),
+        pytest.param("ŁÓDŹ 1", id="polish"),
+    ],
+)
 def test_non_ascii_plates_round_trip_as_utf8(path: Path, plate: str) -> None:
     _with_ledger(path, lambda ledger: ledger.append(_row("s1", plate=plate)))
 
