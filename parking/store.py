@@ -33,6 +33,7 @@ _US = timedelta(microseconds=1)
 # compared with tonumber() but never re-encoded.
 _ENTER = """
 local visit_key, exit_key, seen_key, open_key, pending_key = unpack(KEYS)
+local entered_key = KEYS[7]
 local id, plate, at_s, member = ARGV[1], ARGV[2], ARGV[3], ARGV[8]
 local at, dup, skew = tonumber(at_s), tonumber(ARGV[4]), tonumber(ARGV[5])
 local first = redis.call('GET', seen_key)
@@ -40,13 +41,19 @@ if first then return '{"o":"duplicate","first":' .. first .. '}' end
 local this = {id=id, plate=plate, at=at_s}
 local pending = redis.call('HMGET', exit_key, 'id', 'plate', 'at')
 local visit = redis.call('HMGET', visit_key, 'id', 'plate', 'at')
+local entered = tonumber(redis.call('GET', entered_key))
 local result
 if pending[1] and tonumber(pending[3]) >= at - skew then
   redis.call('DEL', exit_key)
   redis.call('ZREM', pending_key, member)
+  if dup > 0 then redis.call('SET', entered_key, at_s, 'EX', ARGV[10]) end
   result = cjson.encode({o='matched', entry=this,
     exit={id=pending[1], plate=pending[2], at=pending[3]}})
 elseif visit[1] and math.abs(at - tonumber(visit[3])) <= dup then
+  result = cjson.encode({o='duplicate_read'})
+elseif entered and math.abs(at - entered) <= dup then
+  -- A second read of an entry whose stay is already complete: its queue
+  -- delivered it after the match, which must not open a phantom visit.
   result = cjson.encode({o='duplicate_read'})
 elseif visit[1] and at < tonumber(visit[3]) then
   result = cjson.encode({o='orphaned', orphan=this})
@@ -66,6 +73,7 @@ return result
 
 _LEAVE = """
 local visit_key, exit_key, seen_key, open_key, pending_key, last_key = unpack(KEYS)
+local entered_key = KEYS[7]
 local id, plate, at_s, member = ARGV[1], ARGV[2], ARGV[3], ARGV[8]
 local at, dup, skew = tonumber(at_s), tonumber(ARGV[4]), tonumber(ARGV[5])
 local first = redis.call('GET', seen_key)
@@ -80,6 +88,7 @@ if visit[1] and at >= tonumber(visit[3]) - skew then
     -- Compared in event time, so kept as long as a pending exit: a second
     -- read that waited in a backlog for seconds is still the same exit.
     redis.call('SET', last_key, at_s, 'EX', ARGV[10])
+    redis.call('SET', entered_key, visit[3], 'EX', ARGV[10])
   end
   result = cjson.encode({o='matched',
     entry={id=visit[1], plate=visit[2], at=visit[3]}, exit=this})
@@ -199,6 +208,7 @@ class RedisVisitStore:
             f"{tag}:open",
             f"{tag}:pending",
             f"{tag}:last:{member}",
+            f"{tag}:entered:{member}",
         ]
         pending_ttl = int(policy.grace.total_seconds() * 4) + 3600
         args = [
