@@ -135,6 +135,9 @@ def decode_json(raw: str | bytes | bytearray) -> Any:
         raise InvalidEvent("bad_encoding", "message is not UTF-8") from None
     except ValueError as exc:
         raise InvalidEvent("bad_json", f"message is not JSON: {exc}") from None
+    except RecursionError:
+        # 16 KiB of "[" is small enough to pass the size check.
+        raise InvalidEvent("bad_json", "message nests too deeply") from None
 
 
 def _field(payload: Mapping[str, Any], name: str) -> Any:
