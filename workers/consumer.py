@@ -133,10 +133,13 @@ class DeadLetteringConsumer(Consumer):
         settings = get_settings()
         kind = message_kind(message, settings)
         headers = message.headers or {}
+        # The task id, or a plain publisher's message id, finds the message
+        # again in the dead-letter queue.
+        message_id = headers.get("id") or message.properties.get("message_id")
         logger.warning(
-            "message dead-lettered reason=%s kind=%s task=%s content_type=%s "
-            "error=%s body=%s",
-            reason, kind, headers.get("task"), message.content_type,
+            "message dead-lettered reason=%s kind=%s id=%s task=%s "
+            "content_type=%s error=%s body=%s",
+            reason, kind, message_id, headers.get("task"), message.content_type,
             _describe(exc), _preview(message),
         )  # fmt: skip
         default_metrics().rejected.labels(kind, reason).inc()

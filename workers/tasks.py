@@ -23,9 +23,10 @@ def _run(task: Task, handler: MessageHandler, event: Any) -> str:
     try:
         return handler.process_message(event).outcome.value
     except InvalidEvent as exc:
+        # The id finds the message again in the dead-letter queue.
         logger.warning(
-            "event rejected task=%s reason=%s detail=%s",
-            task.name, exc.reason, exc.detail,
+            "event rejected task=%s id=%s reason=%s detail=%s",
+            task.name, task.request.id, exc.reason, exc.detail,
         )  # fmt: skip
         raise Reject(str(exc), requeue=False) from None
     except SummaryRejected as exc:
