@@ -1,0 +1,145 @@
+"""Celery and parking metrics from a real prefork worker and the embedded one."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client import REGISTRY
+
+from parking.events import EventKind
+from parking.settings import get_settings
+from tests.observability import prefork_worker, scrape, value
+from tests.services import wait_until
+from workers import metrics as celery_metrics
+from workers import runtime
+from workers.tasks import publish_events
+
+N = 200
+ENTRY = "parking.process_entry"
+
+
+def _entries(count: int) -> list[tuple[EventKind, Any]]:
+    return [
+        (
+            EventKind.ENTRY,
+            {
+                "id": uuid.uuid4().hex,
+                "vehicle_plate": f"MET{number:04d}",
+                "entry_date_time": "2026-12-01T08:00:00Z",
+            },
+        )
+        for number in range(count)
+    ]
+
+
+def _queues() -> list[str]:
+    settings = get_settings()
+    return [settings.queue(k) for k in ("entry", "exit", "generate", "default")]
+
+
+def test_prefork_worker_with_two_children_counts_every_task(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    settings = get_settings()
+    with prefork_worker(tmp_path, env, _queues(), concurrency=2) as worker:
+        publish_events(_entries(N))
+        publish_events([(EventKind.EXIT, {"id": "no-plate-no-time"})])
+        store = runtime.store()
+        wait_until(lambda: store.counts()["open"] == N, timeout=120)
+        # The store is written before the task's success is signalled.
+        wait_until(
+            lambda: (
+                value(scrape(worker.metrics_url), "celery_task_succeeded_total") >= N
+            ),
+            timeout=30,
+        )
+        samples = scrape(worker.metrics_url)
+
+    entry = {"name": ENTRY, "queue_name": settings.queue("entry")}
+    assert value(samples, "celery_task_succeeded_total", **entry) == N
+    assert value(samples, "celery_task_received_total", **entry) == N
+    assert value(samples, "celery_task_started_total", **entry) == N
+    assert value(samples, "celery_task_runtime_count", **entry) == N
+    assert value(samples, "celery_task_runtime_bucket", le="+Inf", **entry) == N
+    assert value(samples, "celery_task_queue_wait_time_count", **entry) == N
+    assert value(samples, "celery_task_failed_total") == 0
+    assert (
+        value(samples, "celery_task_rejected_total", name="parking.process_exit") == 1
+    )
+    assert value(samples, "celery_worker_up") == 1
+    assert value(samples, "celery_worker_tasks_active") == 0
+    hostnames = {
+        dict(labels)["hostname"]
+        for (_, labels) in samples
+        if "hostname" in dict(labels)
+    }
+    assert all("@" not in host for host in hostnames), hostnames
+    # The domain metrics of the children show up on the same endpoint.
+    assert value(samples, "parking_events_total", kind="entry", outcome="opened") == N
+    assert value(samples, "parking_event_processing_seconds_count", kind="entry") == N
+    assert value(samples, "parking_events_rejected_total", kind="exit") == 1
+    assert value(samples, "parking_generator_match_ratio") == settings.match_ratio
+    # Queue lengths come from the broker at scrape time.
+    assert (
+        value(samples, "celery_queue_length", queue_name=settings.queue("entry")) == 0
+    )
+    assert value(samples, "celery_queue_length", queue_name=settings.queue("dead")) == 1
+    # Both children did work: a value file per process (parent and children).
+    writers = {
+        path.name.rsplit("_", 1)[-1] for path in worker.metrics_dir.glob("counter_*.db")
+    }
+    assert len(writers) >= 3, writers
+
+
+def _local(metric: str, /, **labels: str) -> float:
+    """This process's own value, summed over the labels not given."""
+    wanted = set(labels.items())
+    return sum(
+        sample.value
+        for family in REGISTRY.collect()
+        for sample in family.samples
+        if sample.name == metric and wanted <= set(sample.labels.items())
+    )
+
+
+def test_embedded_worker_keeps_metrics_in_process(celery_worker: Any) -> None:
+    assert celery_metrics.multiprocess_dir() is None
+    settings = get_settings()
+    host = celery_metrics.short_hostname(celery_worker.hostname)
+    labels = {"name": ENTRY, "hostname": host, "queue_name": settings.queue("entry")}
+    before = _local("celery_task_succeeded_total", **labels)
+    waits = _local("celery_task_queue_wait_time_count", **labels)
+    sent = _local("celery_task_sent_total", name=ENTRY, queue_name=labels["queue_name"])
+
+    publish_events(_entries(5))
+    wait_until(lambda: _local("celery_task_succeeded_total", **labels) == before + 5)
+
+    assert _local("celery_task_queue_wait_time_count", **labels) == waits + 5
+    assert (
+        _local("celery_task_sent_total", name=ENTRY, queue_name=labels["queue_name"])
+        == sent + 5
+    )
+    served = celery_metrics.serving_registry().get_sample_value(
+        "celery_task_succeeded_total", labels
+    )
+    assert served == before + 5
+
+
+@pytest.mark.parametrize(
+    ("routing_key", "queue"),
+    [
+        pytest.param("ptest.exit", "ptest.exit", id="plain"),
+        pytest.param("0." * 27 + "1.ptest.exit", "ptest.exit", id="delayed-retry"),
+        pytest.param(None, "unknown", id="missing"),
+    ],
+)
+def test_queue_name_from_routing_key(routing_key: str | None, queue: str) -> None:
+    assert celery_metrics.queue_name(routing_key) == queue
+
+
+def test_hostname_label_is_the_part_after_the_at_sign() -> None:
+    assert celery_metrics.short_hostname("worker@box-1") == "box-1"
+    assert celery_metrics.short_hostname("celery@a@b") == "b"
