@@ -18,6 +18,7 @@ from typing import Any
 import click
 from rich.console import Console
 
+from parking.benchmark import bench
 from parking.events import EventKind
 from parking.secrets import secrets_cli
 from parking.settings import Settings, get_settings, mask_url
@@ -217,6 +218,7 @@ def generate(entries: int, exits: int) -> None:
 
 
 main.add_command(secrets_cli)
+main.add_command(bench)
 
 
 @main.command()

@@ -1,0 +1,227 @@
+"""A soak: a steady rate for a long time; the store and workers must stay flat."""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from parking import measure
+from parking.events import EventKind
+from workers.app import app
+from workers.bench import (
+    TASKS,
+    Planned,
+)
+from workers.bench_run import Bench
+
+logger = logging.getLogger(__name__)
+
+
+# -- Soak -------------------------------------------------------------------
+
+
+class Soak:
+    """A steady rate for a long time: the store and the workers must stay flat."""
+
+    def __init__(self, bench: Bench) -> None:
+        self.bench = bench
+        self.options = bench.options
+        self.matched: set[str] = set()
+        self.events = 0
+
+    def schedule(self) -> Iterator[tuple[float, Planned]]:
+        """(seconds from start, message): cars that stay ``dwell`` seconds,
+        unmatched exits at the rate the match ratio leaves, and the sweeps
+        beat would send."""
+        options, token = self.options, self.bench.token
+        ratio = options.match_ratio
+        exits_per_second = options.rate / (1 + ratio)
+        entries_per_second = exits_per_second * ratio
+        unmatched_per_second = exits_per_second - entries_per_second
+
+        def cars() -> Iterator[tuple[float, Planned]]:
+            for index in itertools.count():
+                at = index / entries_per_second
+                if at >= options.soak:
+                    return
+                plate = f"S{token}{index:07d}"
+                self.matched.add(plate)
+                entry = Planned(
+                    "entry", TASKS["entry"], EventKind.ENTRY, f"s{token}e{index}", plate
+                )
+                yield at, entry
+
+        def leaving() -> Iterator[tuple[float, Planned]]:
+            for at, entry in cars():
+                exit_ = Planned(
+                    "exit", TASKS["exit"], EventKind.EXIT,
+                    entry.event_id.replace("e", "x", 1), entry.plate,
+                )  # fmt: skip
+                yield at + options.dwell, exit_
+
+        def strangers() -> Iterator[tuple[float, Planned]]:
+            if unmatched_per_second <= 0:
+                return
+            for index in itertools.count():
+                at = index / unmatched_per_second
+                if at >= options.soak:
+                    return
+                plate = f"V{token}{index:07d}"
+                yield (
+                    at,
+                    Planned(
+                        "exit",
+                        TASKS["exit"],
+                        EventKind.EXIT,
+                        f"s{token}u{index}",
+                        plate,
+                    ),
+                )
+
+        def sweeps() -> Iterator[tuple[float, Planned]]:
+            interval = self.bench.settings.sweep_interval_seconds
+            for index in itertools.count():
+                at = index * interval
+                if at >= options.soak + options.dwell:
+                    return
+                yield at, Planned("generate", "parking.sweep")
+
+        merged = heapq.merge(
+            cars(), leaving(), strangers(), sweeps(), key=lambda pair: pair[0]
+        )
+        yield from merged
+
+    def _publish(self, started: float, stop: threading.Event) -> None:
+        publisher = self.bench.publisher
+        try:
+            with publisher.connection() as conn:
+                producer = app.amqp.Producer(conn)
+                for at, item in self.schedule():
+                    delay = started + at - time.monotonic()
+                    if delay > 0 and stop.wait(delay):
+                        return
+                    publisher.publish(producer, item)
+                    if item.kind is not None:
+                        self.events += 1
+        except Exception as exc:
+            logger.exception("soak publisher failed")
+            publisher.errors.append(exc)
+
+    def run(self) -> dict[str, Any]:
+        bench, options = self.bench, self.options
+        assert bench.tail is not None
+        tail_start = len(bench.tail.snapshot())
+        before = bench.metrics()
+        total = options.soak + options.dwell
+        bar = bench.progress.add_task("soak", total=total)
+        stop = threading.Event()
+        started = time.monotonic()
+        thread = threading.Thread(
+            target=self._publish, args=(started, stop), daemon=True
+        )
+        thread.start()
+        series: list[dict[str, Any]] = []
+        next_sample = started
+        try:
+            while thread.is_alive() and not bench.publisher.errors:
+                now = time.monotonic()
+                bench.progress.update(bar, completed=min(now - started, total))
+                if now >= next_sample:
+                    series.append(self._sample(now - started, before, tail_start))
+                    next_sample += options.sample_every
+                time.sleep(0.2)
+        finally:
+            stop.set()
+            thread.join()
+        drained = self._drain(before, tail_start)
+        series.append(self._sample(time.monotonic() - started, before, tail_start))
+        rows = bench.rows_of(self.matched, tail_start)
+        plate, stay = bench.tail.column("vehicle_plate"), bench.tail.column("stay_id")
+        return {
+            "seconds": options.soak,
+            "rate": options.rate,
+            "events": self.events,
+            "drained": drained,
+            "series": series,
+            "trends": trends(series, warmup=self._warmup()),
+            "rows": {
+                "expected": len(self.matched),
+                "written": len(rows),
+                "lost": len(self.matched - {row[plate] for _, row in rows}),
+                "duplicated": len(rows) - len({row[stay] for _, row in rows}),
+            },
+            "end_to_end_ms": bench.latency(rows),
+        }
+
+    def _warmup(self) -> float:
+        # Until then open visits, pending exits and their sweeps fill up.
+        settings = self.bench.settings
+        return (
+            self.options.dwell
+            + settings.grace_seconds
+            + 2 * settings.sweep_interval_seconds
+        )
+
+    def _drain(self, before: measure.Samples | None, tail_start: int) -> bool:
+        bench = self.bench
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            processed = bench.processed_since(before)
+            rows = len(bench.rows_of(self.matched, tail_start))
+            if rows >= len(self.matched) and (
+                processed is None or processed >= self.events
+            ):
+                return True
+            time.sleep(0.2)
+        return False
+
+    def _sample(
+        self, at: float, before: measure.Samples | None, tail_start: int
+    ) -> dict[str, Any]:
+        bench = self.bench
+        stats = measure.redis_stats(bench.redis, sample_keys=0)
+        bench.memory.sample()
+        return {
+            "t": round(at, 1),
+            "keys": stats["keys"],
+            "keys_without_ttl": stats["keys_without_ttl"],
+            "used_memory": stats["used_memory"],
+            "worker_rss": bench.memory.latest.get("worker"),
+            "api_rss": bench.memory.latest.get("api"),
+            "published": self.events,
+            "processed": bench.processed_since(before),
+            "rows": len(bench.rows_of(self.matched, tail_start)),
+        }
+
+
+#: Growth over the steady window that still counts as flat: a share of the
+#: level, or an absolute floor for small levels (keys, bytes).
+FLAT_SHARE = 0.05
+FLAT_FLOOR = {"keys": 100.0, "keys_without_ttl": 100.0, "worker_rss": 4 * 2**20}
+
+
+def trends(series: list[dict[str, Any]], warmup: float) -> dict[str, Any]:
+    """Slopes per hour after the warm-up, and whether each stays flat."""
+    steady = [point for point in series if point["t"] >= warmup]
+    found: dict[str, Any] = {"warmup_seconds": warmup, "samples": len(steady)}
+    for name in ("keys", "keys_without_ttl", "worker_rss", "api_rss"):
+        points = [(p["t"], float(p[name])) for p in steady if p.get(name) is not None]
+        rate = measure.slope(points)
+        flat = None
+        if rate is not None:
+            window = points[-1][0] - points[0][0]
+            level = sum(y for _, y in points) / len(points)
+            allowed = max(FLAT_SHARE * level, FLAT_FLOOR.get(name, 4 * 2**20))
+            flat = abs(rate * window) <= allowed
+        found[name] = {
+            "per_hour": None if rate is None else round(rate * 3600, 1),
+            "first": points[0][1] if points else None,
+            "last": points[-1][1] if points else None,
+            "flat": flat,
+        }
+    return found
