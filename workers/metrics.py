@@ -51,6 +51,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 from parking.metrics import default_metrics
 from workers import runtime
+from workers.app import app
 from workers.topology import dead_letter_queue
 
 logger = logging.getLogger(__name__)
@@ -193,11 +194,15 @@ def _count_revoked(sender: Any = None, request: Any = None, **_: Any) -> None:
 
 @task_rejected.connect
 def _count_unknown_rejected(message: Any = None, **_: Any) -> None:
-    # A message no registered task can take (unknown name or type).
+    # A message no registered task can take (unknown name or type, or a body
+    # that does not decode). Its name is whatever the sender wrote: only ours
+    # become label values, so that the label stays bounded.
     headers = getattr(message, "headers", None) or {}
+    name = headers.get("task")
+    known = isinstance(name, str) and name in app.tasks
     info = getattr(message, "delivery_info", None)
     celery_metrics().rejected.labels(
-        headers.get("task", "unknown"), _host, _delivered_queue(info)
+        name if known else "unknown", _host, _delivered_queue(info)
     ).inc()
 
 

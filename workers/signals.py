@@ -43,14 +43,22 @@ PER_TASK_LOGGERS = {
 }
 
 
+class _NoBeatTicks(logging.Filter):
+    """Beat logs every publish at INFO ("Sending due task"): twice a second."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Scheduler: Sending due task")
+
+
 @after_setup_logger.connect
 def _per_task_lines_at_debug(loglevel: int | str | None = None, **_: Any) -> None:
     # One line per event belongs at DEBUG, where the handlers write it; at
-    # INFO the worker keeps lifecycle lines and business outcomes.
+    # INFO the worker and beat keep lifecycle lines and business outcomes.
     level = logging.getLevelName(loglevel) if isinstance(loglevel, str) else loglevel
     if isinstance(level, int) and level > logging.DEBUG:
         for name, kept in PER_TASK_LOGGERS.items():
             logging.getLogger(name).setLevel(kept)
+        logging.getLogger("celery.beat").addFilter(_NoBeatTicks())
 
 
 class DeadLetterTopology(bootsteps.StartStopStep):

@@ -135,6 +135,7 @@ def create_app(settings: Settings, ledger: CsvLedger | None = None) -> FastAPI:
             authorization.encode(), expected.encode()
         ):
             metrics.unauthorized.inc()
+            logger.info("request refused reason=bad_token")
             raise HTTPException(
                 401, "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"}
             )
@@ -158,6 +159,7 @@ def create_app(settings: Settings, ledger: CsvLedger | None = None) -> FastAPI:
     async def post_summary(summary: StaySummary) -> JSONResponse:
         """Record one stay; posting the same stay id again changes nothing."""
         written = await ledger.append(summary.row())
+        logger.debug("stay posted stay=%s written=%s", summary.stay_id, written)
         if written:
             metrics.rows.inc()
             return JSONResponse({"stay_id": summary.stay_id, "written": True}, 201)
