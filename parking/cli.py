@@ -199,7 +199,7 @@ def ingest() -> None:
     from workers.ingest import run as run_ingest
 
     settings = get_settings()
-    start_http_server(settings.ingest_metrics_port, addr="127.0.0.1")
+    start_http_server(settings.ingest_metrics_port, addr=settings.metrics_address)
     run_ingest(settings)
 
 
