@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import redis
 from kombu.connection import Connection
 
 from parking.events import EventKind
@@ -96,12 +97,17 @@ def _dead_letters() -> list[bytes]:
 
 
 def test_plain_json_gives_the_same_stays_as_the_celery_path(
-    api_server: ApiServer, celery_worker: Any, ingest: PlainEventConsumer
+    api_server: ApiServer,
+    celery_worker: Any,
+    ingest: PlainEventConsumer,
+    store_redis: redis.Redis,
 ) -> None:
     _purge_raw()
     publish_events(_events("celery"))
     wait_until(lambda: len(_rows(api_server)) == len(STAYS))
     via_celery = _stays(_rows(api_server))
+    # The same cars again: the ledger must not take them for repeated reads.
+    store_redis.flushdb()
 
     plain = [(kind, json.dumps(event).encode()) for kind, event in _events("plain")]
     publish_plain(get_settings(), plain)
