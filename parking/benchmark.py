@@ -287,6 +287,10 @@ def _num(value: float | None, unit: str = "") -> str:
     return f"{value:,.0f}{unit}" if abs(value) >= 100 else f"{value:,.2f}{unit}"
 
 
+def _count(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.0f}"
+
+
 def render(report: dict[str, Any]) -> None:
     machine = report["machine"]
     versions = machine["versions"]
@@ -393,20 +397,23 @@ def render_soak(soak: dict[str, Any]) -> None:
         table.add_column(column, justify="right")
     for point in soak["series"]:
         table.add_row(
-            f"{point['t']:,.0f}", f"{point['keys']:,}", f"{point['keys_without_ttl']:,}",
-            _mb(point["worker_rss"]), _mb(point["api_rss"]),
-            f"{point['published']:,}", _num(point["processed"]), f"{point['rows']:,}",
+            f"{point['t']:,.0f}" + (" drained" if point.get("drained") else ""),
+            f"{point['keys']:,}", f"{point['keys_without_ttl']:,}",
+            _mb(point["worker_rss"]), _mb(point["api_rss"]), f"{point['published']:,}",
+            _count(point["processed"]), f"{point['rows']:,}",
         )  # fmt: skip
     console.print(table)
     trend = soak["trends"]
     lines = [
-        f"after {trend['warmup_seconds']:g} s of warm-up ({trend['samples']} samples):"
+        f"trends after {trend['warmup_seconds']:g} s of warm-up"
+        f" ({trend['samples']} samples at the steady rate):"
     ]
     for name in ("keys", "keys_without_ttl", "worker_rss", "api_rss"):
         found = trend[name]
+        show = _mb if name.endswith("rss") else _count
         lines.append(
-            f"  {name}: {found['first']} -> {found['last']},"
-            f" slope {found['per_hour']} per hour, flat: {found.get('flat')}"
+            f"  {name}: {show(found['first'])} -> {show(found['last'])},"
+            f" slope {show(found['per_hour'])} per hour, flat: {found['flat']}"
         )
     rows, e2e = soak["rows"], soak["end_to_end_ms"]
     lines.append(

@@ -139,7 +139,9 @@ class Soak:
             stop.set()
             thread.join()
         drained = self._drain(before, tail_start)
-        series.append(self._sample(time.monotonic() - started, before, tail_start))
+        # After the drain, not at the steady rate: shown, left out of the trends.
+        final = self._sample(time.monotonic() - started, before, tail_start)
+        final["drained"] = True
         rows = bench.rows_of(self.matched, tail_start)
         plate, stay = bench.tail.column("vehicle_plate"), bench.tail.column("stay_id")
         return {
@@ -147,7 +149,7 @@ class Soak:
             "rate": options.rate,
             "events": self.events,
             "drained": drained,
-            "series": series,
+            "series": [*series, final],
             "trends": trends(series, warmup=self._warmup()),
             "rows": {
                 "expected": len(self.matched),

@@ -1,0 +1,120 @@
+"""``parking bench`` as a user runs it: real worker, API, broker and Redis."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from parking.settings import get_settings
+from workers.bench_services import queue_state
+
+ROOT = Path(__file__).resolve().parents[2]
+PREFIX = "ptest-bench"
+
+
+def _bench(
+    *args: str, timeout: float = 280, **env: str
+) -> tuple[int, dict[str, Any], str]:
+    db = str(get_settings().redis_db_store)
+    command = [
+        sys.executable, "-m", "parking", "bench", "--json",
+        "--redis-db", db, "--queue-prefix", PREFIX, *args,
+    ]  # fmt: skip
+    done = subprocess.run(
+        command, cwd=ROOT, env=os.environ | env, capture_output=True, timeout=timeout
+    )
+    stderr = done.stderr.decode(errors="replace")
+    report = json.loads(done.stdout) if done.stdout.strip() else {}
+    return done.returncode, report, stderr
+
+
+def _ordered(figures: dict[str, Any]) -> bool:
+    return bool(figures["p50_ms"] <= figures["p95_ms"] <= figures["p99_ms"])
+
+
+def test_small_run_loses_and_doubles_no_row_and_reports_sane_figures() -> None:
+    code, report, stderr = _bench("-n", "300", "--baseline", "400", "--api-rows", "200")
+
+    assert code == 0, stderr[-3000:]
+    pipeline = report["pipeline"]
+    assert pipeline["rows"] == {
+        "expected": 240, "written": 240, "lost": 0, "duplicated": 0, "unexpected": 0,
+    }  # fmt: skip
+    assert pipeline["outcomes"] == {
+        "entry/opened": 300, "exit/matched": 240, "exit/pending": 60,
+    }  # fmt: skip
+    assert report["baseline"]["completed"] == 400
+    assert report["baseline"]["tasks_per_second"] > 0
+    assert pipeline["events_per_second"] > 0
+    assert pipeline["ratio_to_baseline"] > 0
+    for kind in ("entry", "exit"):
+        figures = pipeline["processing"][kind]
+        assert figures["count"] == 300
+        assert _ordered(figures), figures
+    e2e = pipeline["end_to_end_ms"]
+    assert e2e["count"] == 240
+    assert 0 < e2e["p50"] <= e2e["p99"] <= e2e["max"]
+    assert (
+        pipeline["memory_peak_bytes"]["worker"]
+        > pipeline["memory_peak_bytes"]["api"]
+        > 0
+    )
+    assert pipeline["redis_before"]["keys"] == 0
+    assert pipeline["redis_after"]["keys"] > 0
+    assert report["api"]["written"] == 200
+    assert {t["name"] for t in report["targets"]} >= {
+        "events_per_second",
+        "exit_p99_ms",
+    }
+
+
+def test_bench_leaves_its_database_empty_and_its_queues_gone() -> None:
+    code, _, stderr = _bench("-n", "20", "--baseline", "20", "--api-rows", "0")
+
+    assert code == 0, stderr[-3000:]
+    settings = get_settings()
+    client = redis.Redis.from_url(
+        settings.redis_connection_url(settings.redis_db_store)
+    )
+    assert client.dbsize() == 0
+    assert queue_state(f"{PREFIX}.entry") is None
+    assert queue_state(f"{PREFIX}.exit") is None
+
+
+def test_bench_refuses_a_database_that_holds_keys() -> None:
+    settings = get_settings()
+    client = redis.Redis.from_url(
+        settings.redis_connection_url(settings.redis_db_store)
+    )
+    client.set("someone-else", "1")
+
+    code, report, stderr = _bench("-n", "10")
+
+    assert code != 0
+    assert report == {}
+    assert "--flush" in stderr
+    assert client.get("someone-else") == b"1"
+
+
+def test_short_soak_keeps_every_stay_and_samples_the_series() -> None:
+    # A short grace and frequent sweeps make the warm-up fit in the soak.
+    code, report, stderr = _bench(
+        "--soak", "12", "--rate", "30", "--dwell", "2", "--sample-every", "3",
+        PARKING_GRACE_SECONDS="2", PARKING_SWEEP_INTERVAL_SECONDS="1",
+    )  # fmt: skip
+
+    assert code == 0, stderr[-3000:]
+    soak = report["soak"]
+    assert soak["drained"] is True
+    assert soak["rows"]["expected"] > 100
+    assert soak["rows"]["lost"] == soak["rows"]["duplicated"] == 0
+    assert len(soak["series"]) >= 4
+    assert all(point["worker_rss"] > 0 for point in soak["series"])
+    assert soak["series"][-1]["rows"] == soak["rows"]["expected"]
+    assert soak["trends"]["worker_rss"]["per_hour"] is not None
