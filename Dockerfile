@@ -6,7 +6,7 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
-COPY setup.cfg pyproject.toml ./
+COPY setup.cfg pyproject.toml README.md ./
 COPY parking ./parking
 COPY workers ./workers
 COPY celeryconfig.py beat_schedule.py ./
