@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
 import pytest
 from celery import Celery
+from celery.contrib.testing.worker import start_worker
 from kombu.messaging import Producer
 from prometheus_client import REGISTRY
 
@@ -27,6 +29,16 @@ from tests.services import ApiServer, wait_until
 from tests.traffic import T0, PlannedStay, check_ledger, read_rows
 from workers import topology
 from workers.tasks import PROCESSORS
+
+
+@pytest.fixture(scope="module")
+def embedded_worker(
+    celery_app: Celery, celery_worker_parameters: dict[str, Any]
+) -> Iterator[Any]:
+    """One embedded worker for the whole module: each stop costs seconds."""
+    with start_worker(celery_app, pool="solo", **celery_worker_parameters) as worker:
+        yield worker
+
 
 _JSON = "application/json"
 #: Marks a field that the malformed event lacks.
@@ -225,7 +237,7 @@ def test_the_table_has_enough_cases() -> None:
 
 def test_every_malformed_message_is_dead_lettered_counted_and_logged(
     api_server: ApiServer,
-    celery_worker: Any,
+    embedded_worker: Any,
     celery_app: Celery,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -285,7 +297,7 @@ def test_every_malformed_message_is_dead_lettered_counted_and_logged(
 
 
 def test_a_task_that_fails_unexpectedly_is_dead_lettered_not_acked(
-    api_server: ApiServer, celery_worker: Any, celery_app: Celery
+    api_server: ApiServer, embedded_worker: Any, celery_app: Celery
 ) -> None:
     """A body Celery can read but the task cannot take (no event argument)."""
     settings = get_settings()
