@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import uuid
 from pathlib import Path
@@ -12,6 +13,7 @@ from prometheus_client import REGISTRY
 
 from parking.events import EventKind
 from parking.settings import get_settings
+from parking.status import quantile
 from tests.observability import prefork_worker, scrape, value
 from tests.services import wait_until
 from workers import metrics as celery_metrics
@@ -143,3 +145,23 @@ def test_queue_name_from_routing_key(routing_key: str | None, queue: str) -> Non
 def test_hostname_label_is_the_part_after_the_at_sign() -> None:
     assert celery_metrics.short_hostname("worker@box-1") == "box-1"
     assert celery_metrics.short_hostname("celery@a@b") == "b"
+
+
+_BUCKETS = [(0.001, 0.0), (0.002, 10.0), (0.005, 20.0), (math.inf, 20.0)]
+
+
+@pytest.mark.parametrize(
+    ("q", "buckets", "expected"),
+    [
+        pytest.param(0.5, _BUCKETS, 0.002, id="median-at-a-bound"),
+        pytest.param(0.95, _BUCKETS, 0.0047, id="interpolated"),
+        pytest.param(0.99, [(0.1, 1.0), (math.inf, 10.0)], 0.1, id="beyond-the-top"),
+        pytest.param(0.5, [(0.1, 0.0), (math.inf, 0.0)], None, id="no-observations"),
+    ],
+)
+def test_status_quantile_follows_histogram_quantile(
+    q: float, buckets: list[tuple[float, float]], expected: float | None
+) -> None:
+    assert quantile(q, buckets) == (
+        None if expected is None else pytest.approx(expected)
+    )
