@@ -6,10 +6,12 @@ reaches into ``workers`` (lazily, inside the commands that publish).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -70,6 +72,26 @@ def _processes(settings: Settings) -> dict[str, str]:
     }
 
 
+class _StopLeaderKillGroup:
+    """Stops each process of ``parking run`` politely, kills its group.
+
+    honcho sends SIGTERM to every process group, which stops the Celery
+    worker's pool children together with their parent: tasks die mid-run
+    (``WorkerLostError``) instead of finishing in a warm shutdown. So SIGTERM
+    goes to the program alone (each command is exec'd: honcho's pid is the
+    program, not a shell), and only honcho's SIGKILL, after its grace time,
+    reaches the whole group.
+    """
+
+    def terminate(self, pid: int) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGTERM)
+
+    def kill(self, pid: int) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)
+
+
 @main.command()
 def run() -> None:
     """Start worker, beat, the summary API and Flower; Ctrl-C stops them all."""
@@ -101,9 +123,12 @@ def run() -> None:
     console.print(f"  stays CSV    {settings.summary_csv.resolve()}")
 
     manager = Manager(Printer(sys.stdout))
+    # honcho offers no public way to choose how it signals its processes.
+    manager._procmgr = _StopLeaderKillGroup()
     for name, command in _processes(settings).items():
         merged = name in MULTIPROCESS_METRICS
-        manager.add_process(name, command, env=merged_env if merged else env)
+        chosen = merged_env if merged else env
+        manager.add_process(name, f"exec {command}", env=chosen)
     manager.loop()
     sys.exit(manager.returncode)
 

@@ -8,6 +8,7 @@ of its own; it is stopped with a signal, as Ctrl-C or an init system would.
 from __future__ import annotations
 
 import logging
+import re
 import signal
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -24,6 +25,7 @@ logger = logging.getLogger(__name__)
 
 #: The measured figures, shown at the end of the run (pass or fail).
 _FIGURES: list[str] = []
+_TASK_CUT_OFF = re.compile(r"WorkerLostError|exited with 'signal")
 
 #: The burst measurement wants unmatched exits declared quickly, a car park
 #: large enough for the whole burst, and no simulated traffic of beat's own
@@ -58,6 +60,15 @@ def _running(
         assert not survivors, (
             f"process groups outlived {stop_with.name} and were killed: {survivors}"
         )
+        log = system.log()
+        forced = re.findall(r"sending SIGKILL to (\w+)", log)
+        _FIGURES.append(
+            f"{workdir.name}: stopped by {stop_with.name} in {system.stop_seconds:.1f} s"
+            + (f", honcho had to SIGKILL {', '.join(forced)}" if forced else "")
+        )
+        # A warm shutdown lets running tasks finish: none is cut off mid-run.
+        cut = [line for line in log.splitlines() if _TASK_CUT_OFF.search(line)]
+        assert not cut, f"tasks cut off by {stop_with.name}:\n" + "\n".join(cut)
 
 
 @pytest.fixture(scope="class")

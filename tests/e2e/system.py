@@ -99,6 +99,7 @@ class RunningSystem:
         self.metrics_dir = workdir / "var" / "prometheus"
         self.started_at = 0.0
         self.returncode: int | None = None
+        self.stop_seconds = 0.0
         self.api_url = self.flower_url = ""
         self.csv_path = workdir / "stays.csv"
         self._process: subprocess.Popen[bytes] | None = None
@@ -138,6 +139,7 @@ class RunningSystem:
         if process is None:
             return []
         survivors: list[int] = []
+        stopping = time.monotonic()
         try:
             self._groups.update(self.child_groups())
             if process.poll() is None:
@@ -156,6 +158,7 @@ class RunningSystem:
             if process.poll() is None:
                 process.kill()
             self.returncode = process.wait()
+            self.stop_seconds = time.monotonic() - stopping
             if self._log is not None:
                 self._log.close()
             self._process = None
