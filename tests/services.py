@@ -48,7 +48,9 @@ def isolated_vhost() -> Iterator[None]:
     try:
         yield
     finally:
-        subprocess.run(["rabbitmqctl", "-q", "delete_vhost", vhost], capture_output=True)
+        subprocess.run(
+            ["rabbitmqctl", "-q", "delete_vhost", vhost], capture_output=True
+        )
 
 
 def free_port() -> int:

@@ -16,7 +16,6 @@ from parking.store import LedgerPolicy, RedisVisitStore
 from parking.summary_client import HttpSummarySink
 from parking.sweeper import Sweeper
 
-
 _configured: Settings | None = None
 
 
@@ -103,6 +102,11 @@ def generator(publish: Publish) -> EventGenerator:
 def reset() -> None:
     """Forget every collaborator: a forked child must open its own sockets."""
     for factory in (
-        store, sink, entry_processor, exit_processor, sweeper, generator_redis
+        store,
+        sink,
+        entry_processor,
+        exit_processor,
+        sweeper,
+        generator_redis,
     ):
         factory.cache_clear()

@@ -47,15 +47,17 @@ def _run(task: Task, handler: MessageHandler, event: Any) -> str:
             "retrying in=%ds attempt=%d task=%s error=%s",
             countdown, retries + 1, task.name, exc,
         )  # fmt: skip
-        raise task.retry(exc=exc, countdown=countdown, max_retries=None) from None
+        raise task.retry(exc=exc, countdown=countdown) from None
 
 
-@app.task(name="parking.process_entry", bind=True)
+# Retries are bounded by settings.retry_max above, not by Celery's default
+# of three: ``retry(max_retries=None)`` would fall back to that default.
+@app.task(name="parking.process_entry", bind=True, max_retries=None)
 def process_entry(self: Task, event: Any) -> str:
     return _run(self, runtime.entry_processor(), event)
 
 
-@app.task(name="parking.process_exit", bind=True)
+@app.task(name="parking.process_exit", bind=True, max_retries=None)
 def process_exit(self: Task, event: Any) -> str:
     return _run(self, runtime.exit_processor(), event)
 

@@ -16,12 +16,22 @@ def _rows(server: ApiServer) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
-def test_entry_then_exit_writes_one_stay(api_server: ApiServer, celery_worker: Any) -> None:
+def test_entry_then_exit_writes_one_stay(
+    api_server: ApiServer, celery_worker: Any
+) -> None:
     process_entry.delay(
-        {"id": "e1", "vehicle_plate": "ab-123", "entry_date_time": "2024-09-11T21:24:56.123456789Z"}
+        {
+            "id": "e1",
+            "vehicle_plate": "ab-123",
+            "entry_date_time": "2024-09-11T21:24:56.123456789Z",
+        }
     )
     process_exit.delay(
-        {"id": "x1", "vehicle_plate": "AB 123", "exit_date_time": "2024-09-11T22:24:57+01:00"}
+        {
+            "id": "x1",
+            "vehicle_plate": "AB 123",
+            "exit_date_time": "2024-09-11T22:24:57+01:00",
+        }
     )
     wait_until(lambda: len(_rows(api_server)) == 1)
     row = _rows(api_server)[0]
