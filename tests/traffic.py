@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import random
+import threading
+import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
@@ -12,7 +14,10 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from parking.events import format_time
+from celery import Celery
+from kombu.messaging import Producer
+
+from parking.events import EventKind, format_time
 from parking.stays import format_seconds
 
 #: Camera time of the first planned stay; far from now on purpose, so that
@@ -148,3 +153,59 @@ def check_ledger(rows: list[dict[str, str]], stays: list[PlannedStay]) -> Ledger
         unexpected=sorted(per_plate.keys() - planned.keys()),
         wrong=wrong,
     )
+
+
+class Feeder(threading.Thread):
+    """Publishes events at a steady pace, republishing through broker outages.
+
+    A publish that fails (the broker went away before confirming it) is sent
+    again once the broker answers: the event may then arrive twice, which is
+    exactly the at-least-once delivery the ledger must absorb.
+    """
+
+    def __init__(
+        self,
+        app: Celery,
+        events: list[tuple[str, dict[str, Any]]],
+        per_second: float | None = None,
+    ) -> None:
+        super().__init__(name="feeder", daemon=True)
+        self._app = app
+        self._events = events
+        self._interval = 1 / per_second if per_second else 0.0
+        self.published = 0
+        self.republished = 0
+        self.failure: BaseException | None = None
+
+    def run(self) -> None:
+        from workers.tasks import PROCESSORS
+
+        connection = self._app.connection_for_write()
+        started = time.monotonic()
+        try:
+            for n, (kind, event) in enumerate(self._events):
+                while True:
+                    try:
+                        PROCESSORS[EventKind(kind)].apply_async(
+                            (event,), producer=Producer(connection), retry=False
+                        )
+                        break
+                    except Exception:  # any publish failure: broker gone
+                        self.republished += 1
+                        connection.close()
+                        time.sleep(0.5)
+                        connection = self._app.connection_for_write()
+                self.published += 1
+                pause = started + (n + 1) * self._interval - time.monotonic()
+                if pause > 0:
+                    time.sleep(pause)
+        except BaseException as exc:  # reported to the test, not lost in a thread
+            self.failure = exc
+        finally:
+            connection.close()
+
+    def finish(self, timeout: float) -> None:
+        self.join(timeout)
+        assert not self.is_alive(), f"feeder still publishing after {timeout} s"
+        if self.failure is not None:
+            raise self.failure
