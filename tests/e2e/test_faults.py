@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import TypeVar
+from urllib.parse import urlsplit
 
 import pytest
 import redis
@@ -34,6 +35,7 @@ from tests.brokers import (
 from tests.processes import (
     Api,
     Beat,
+    TcpProxy,
     Worker,
     connected_to,
     elapsed,
@@ -219,6 +221,54 @@ def test_the_summary_api_down_for_30_seconds_under_load_loses_nothing(
         seconds=elapsed(started),
     )
     assert check.exact, str(check)
+
+
+def test_redis_gone_for_seconds_mid_run_loses_nothing(
+    rig: Rig, report: Callable[[str], None]
+) -> None:
+    """The worker reaches Redis through a proxy that the test cuts."""
+    stays = plan_stays(300, "REDIS")
+    redis_url = urlsplit(rig.settings.redis_url)
+    proxy = TcpProxy(redis_url.hostname or "127.0.0.1", redis_url.port or 6379)
+    proxy.start()
+    env = rig.env(
+        PARKING_REDIS_URL=f"redis://127.0.0.1:{proxy.port}",
+        PARKING_RETRY_BACKOFF_CAP_SECONDS="4",
+    )
+    rig.started(Api(env))
+    worker = rig.started(Worker(env))
+    started = time.monotonic()
+    feeder = Feeder(rig.app, shuffled_events(stays), per_second=100)
+    feeder.start()
+    try:
+        wait_until(lambda: len(rig.rows()) >= 30, timeout=60)
+        rows_at_cut = len(rig.rows())
+        proxy.cut()
+        cut = time.monotonic()
+        # Tasks meet the outage and go back to the broker to retry later.
+        wait_until(lambda: worker.count(r"retrying in=.*redis unavailable") >= 5)
+        wait_until(lambda: time.monotonic() - cut >= 5, timeout=6)
+        retries_during = worker.count(r"retrying in=.*redis unavailable")
+        proxy.start()
+        outage = elapsed(cut)
+        feeder.finish(timeout=60)
+        wait_until(lambda: len(rig.rows()) >= len(stays), timeout=90, interval=0.5)
+        wait_until(rig.drained, timeout=60, interval=1)
+    finally:
+        proxy.cut()
+    check = check_ledger(rig.rows(), stays)
+    _figure(
+        report,
+        "redis-outage",
+        rows=f"{check.written}/{check.expected}",
+        duplicates=check.duplicates,
+        rows_when_cut=rows_at_cut,
+        redis_down_seconds=outage,
+        retries_during_outage=retries_during,
+        seconds=elapsed(started),
+    )
+    assert check.exact, str(check)
+    assert worker.alive()
 
 
 @pytest.mark.broker_restart
