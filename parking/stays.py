@@ -34,11 +34,18 @@ class Stay:
 
     @classmethod
     def between(cls, entry: Visit, exit_: Visit) -> Stay:
-        """The stay from two matched reads.
+        """The stay from two matched reads, under the clock-skew rule.
 
-        Camera clocks disagree: an exit stamped before its entry (within the
-        store's skew tolerance) is taken as leaving at the moment of entry, so
-        a stay is never negative; the row is flagged so it can be reviewed.
+        The entry and exit cameras keep their own clocks, so an exit can be
+        stamped a little before its entry. The store pairs the two only when
+        the exit is at most the skew tolerance (``PARKING_CLOCK_SKEW_SECONDS``,
+        120 s by default) before the entry. Such a stay is recorded as leaving
+        at the moment of entry: the entry time is kept (it is the one the
+        visit and the tariff start from), the duration is zero and never
+        negative, and the row is flagged ``clock_skew`` for review (counted in
+        ``parking_clock_skew_total``). An exit further before the entry is
+        not this visit's: it waits as a pending exit and is declared
+        unmatched after the grace period, and the visit stays open.
         """
         skewed = exit_.at < entry.at
         stay_id = uuid.uuid5(_STAY_NAMESPACE, f"{entry.event_id}\x00{exit_.event_id}")
