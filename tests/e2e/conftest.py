@@ -73,7 +73,11 @@ def _running(
 
 @pytest.fixture(scope="class")
 def default_system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningSystem]:
-    """``parking run`` with default settings (test isolation aside)."""
+    """``parking run`` with default settings.
+
+    Only isolation differs (vhost, Redis databases, ports, paths), plus a
+    Flower password: Flower's HTTP API answers only behind authentication.
+    """
     workdir = tmp_path_factory.mktemp("default-system")
     with _running(workdir, signal.SIGINT, {}) as system:
         yield system
