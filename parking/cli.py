@@ -108,12 +108,14 @@ def run() -> None:
     # Only the worker writes there: the other processes serve their own
     # /metrics, and their files in the directory would be counted twice.
     merged_env = dict(env, PROMETHEUS_MULTIPROC_DIR=str(metrics_dir.resolve()))
+    flower_env = dict(env)
     if settings.flower_password is not None:
         # Flower reads its option from this variable by itself: a
         # --basic-auth=$FLOWER_BASIC_AUTH argument would be expanded by the
         # shell and put the password on a command line anyone can list.
+        # Only Flower's environment holds it.
         password = settings.flower_password.get_secret_value()
-        env["FLOWER_BASIC_AUTH"] = f"{settings.flower_user}:{password}"
+        flower_env["FLOWER_BASIC_AUTH"] = f"{settings.flower_user}:{password}"
 
     console.print("[bold]parking run[/]: worker, beat, summary API, Flower")
     console.print(f"  broker       {mask_url(settings.broker_url)}")
@@ -127,7 +129,7 @@ def run() -> None:
     manager._procmgr = _StopLeaderKillGroup()
     for name, command in _processes(settings).items():
         merged = name in MULTIPROCESS_METRICS
-        chosen = merged_env if merged else env
+        chosen = merged_env if merged else flower_env if name == "flower" else env
         manager.add_process(name, f"exec {command}", env=chosen)
     manager.loop()
     sys.exit(manager.returncode)

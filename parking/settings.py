@@ -66,7 +66,7 @@ class Settings(BaseSettings):
     exit_interval_seconds: float = Field(default=0.5, gt=0)
     generator_burst: int = Field(default=1, ge=1)
     #: The simulated car park holds this many; entries pause while it is full.
-    generator_capacity: int = Field(default=200, ge=1)
+    generator_capacity: int = Field(default=1000, ge=1)
 
     grace_seconds: int = Field(default=30, ge=1)
     duplicate_window_seconds: float = Field(default=5.0, ge=0)

@@ -10,6 +10,7 @@ from there, and only then acked (publisher confirms make that hand-over safe).
 from __future__ import annotations
 
 import logging
+import signal
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -105,7 +106,17 @@ def run(settings: Settings) -> None:
         transport_options={"confirm_publish": True},
         heartbeat=30,
     ) as connection:
-        PlainEventConsumer(connection, settings, handlers, handoff).run()
+        consumer = PlainEventConsumer(connection, settings, handlers, handoff)
+
+        def stop(signum: int, _: object) -> None:
+            # Finish the message in hand, then leave; unacked ones are requeued.
+            logger.info("plain ingest stopping signal=%d", signum)
+            consumer.should_stop = True
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        consumer.run()
+        logger.info("plain ingest stopped")
 
 
 def publish_plain(settings: Settings, events: list[tuple[EventKind, bytes]]) -> None:
