@@ -64,10 +64,15 @@ def decode_reason(exc: BaseException) -> str:
 
 
 def message_kind(message: Message, settings: Settings) -> str:
-    """The event kind a message was sent for, from its routing key."""
-    routing_key = (message.delivery_info or {}).get("routing_key")
+    """The event kind a message was sent for, from its routing key.
+
+    Native delayed delivery (retries) prefixes the queue name with the
+    binary digits of the delay, so the name is matched at the end.
+    """
+    routing_key = str((message.delivery_info or {}).get("routing_key") or "")
     for kind in EventKind:
-        if routing_key == settings.queue(kind.value):
+        queue = settings.queue(kind.value)
+        if routing_key == queue or routing_key.endswith(f".{queue}"):
             return kind.value
     return "other"
 
