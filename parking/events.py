@@ -17,6 +17,7 @@ from typing import Any
 
 from parking.errors import InvalidEvent
 from parking.plates import clean_plate, normalise_plate
+from parking.settings import DEFAULT_LOT
 
 MAX_ID_LENGTH = 128
 #: Far larger than any real event; bigger payloads are refused before parsing.
@@ -52,12 +53,16 @@ class CameraEvent:
     plate: str  # as read, for display
     plate_key: str  # normalised, for matching
     at: datetime  # aware, UTC
+    #: The car park whose gate read it (checked against the configured ones
+    #: by the handler, which knows them).
+    lot_id: str = DEFAULT_LOT
 
     def to_wire(self) -> dict[str, str]:
         return {
             "id": self.id,
             "vehicle_plate": self.plate,
             self.kind.time_field: format_time(self.at),
+            "lot_id": self.lot_id,
         }
 
 
@@ -102,19 +107,20 @@ def format_time(at: datetime) -> str:
     return text + "Z"
 
 
-def parse_event(payload: object, kind: EventKind) -> CameraEvent:
-    """Validate one wire-format event; unknown extra fields are ignored."""
+def parse_event(
+    payload: object, kind: EventKind, default_lot: str = DEFAULT_LOT
+) -> CameraEvent:
+    """Validate one wire-format event; unknown extra fields are ignored.
+
+    ``lot_id`` is optional: without it the event belongs to ``default_lot``.
+    """
     if isinstance(payload, (str, bytes, bytearray)):
         payload = decode_json(payload)
     if not isinstance(payload, Mapping):
         raise InvalidEvent("not_an_object", "event must be a JSON object")
-    event_id = _field(payload, "id")
-    if not isinstance(event_id, str) or not event_id.strip():
-        raise InvalidEvent("bad_id", "id must be a non-empty string")
-    if len(event_id) > MAX_ID_LENGTH or not event_id.isprintable():
-        raise InvalidEvent(
-            "bad_id", f"id must be printable and at most {MAX_ID_LENGTH} characters"
-        )
+    event_id = _identifier(_field(payload, "id"), "id", "bad_id")
+    lot_id = payload.get("lot_id")
+    lot_id = default_lot if lot_id is None else _identifier(lot_id, "lot_id", "bad_lot")
     raw_plate = _field(payload, "vehicle_plate")
     if not isinstance(raw_plate, str):
         raise InvalidEvent("bad_plate", "vehicle_plate must be a string")
@@ -123,7 +129,17 @@ def parse_event(payload: object, kind: EventKind) -> CameraEvent:
     except ValueError as exc:
         raise InvalidEvent("bad_plate", f"vehicle_plate: {exc}") from None
     at = parse_time(_field(payload, kind.time_field), kind.time_field)
-    return CameraEvent(kind, event_id, plate, normalise_plate(plate), at)
+    return CameraEvent(kind, event_id, plate, normalise_plate(plate), at, lot_id)
+
+
+def _identifier(value: object, name: str, reason: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise InvalidEvent(reason, f"{name} must be a non-empty string")
+    if len(value) > MAX_ID_LENGTH or not value.isprintable():
+        raise InvalidEvent(
+            reason, f"{name} must be printable and at most {MAX_ID_LENGTH} characters"
+        )
+    return value
 
 
 def decode_json(raw: str | bytes | bytearray) -> Any:

@@ -14,7 +14,9 @@ import redis
 from parking.clock import Clock
 from parking.events import CameraEvent, EventKind, format_time
 from parking.metrics import ParkingMetrics
+from parking.misreads import misread
 from parking.plates import normalise_plate
+from parking.settings import DEFAULT_LOT
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +48,8 @@ class EventGenerator:
         match_ratio: float = 0.8,
         capacity: int = 500,
         rng: random.Random | None = None,
+        misread_ratio: float = 0.0,
+        lot: str = DEFAULT_LOT,
     ) -> None:
         self._redis = client
         self._publish = publish
@@ -54,6 +58,8 @@ class EventGenerator:
         self._match_ratio = match_ratio
         self._capacity = capacity
         self._rng = rng or random.Random()
+        self._misread_ratio = misread_ratio
+        self._lot = lot
 
     def entries(self, count: int = 1) -> int:
         """Cars arrive; a full car park turns the rest away. Returns how many."""
@@ -78,11 +84,21 @@ class EventGenerator:
         if len(leaving) < known:
             # No car inside to leave: nothing happens at the gate.
             self._metrics.generated.labels("exit_none_inside").inc(known - len(leaving))
+        leaving = [self._as_read(plate) for plate in leaving]
         leaving += [self._unknown_plate() for _ in range(count - known)]
         self._rng.shuffle(leaving)
         for plate in leaving:
             self._emit(EventKind.EXIT, plate)
         return len(leaving)
+
+    def _as_read(self, plate: str) -> str:
+        """The plate of a car inside as the exit camera reads it."""
+        if self._misread_ratio and self._rng.random() < self._misread_ratio:
+            read = misread(plate, self._rng)
+            if read != plate:
+                self._metrics.generated.labels("exit_misread").inc()
+            return read
+        return plate
 
     def _unknown_plate(self) -> str:
         # A plate that never entered: the camera misread a dirty plate.
@@ -90,7 +106,12 @@ class EventGenerator:
 
     def _emit(self, kind: EventKind, plate: str) -> None:
         event = CameraEvent(
-            kind, uuid.uuid4().hex, plate, normalise_plate(plate), self._clock.now()
+            kind,
+            uuid.uuid4().hex,
+            plate,
+            normalise_plate(plate),
+            self._clock.now(),
+            self._lot,
         )
         self._publish(kind, event.to_wire())
         self._metrics.generated.labels(kind.value).inc()

@@ -13,10 +13,18 @@ from typing import Any, Protocol
 from parking.clock import Clock
 from parking.errors import InvalidEvent
 from parking.events import CameraEvent, EventKind, parse_event
+from parking.lots import Lots
 from parking.metrics import ParkingMetrics
-from parking.stays import Stay, Visit
+from parking.review import (
+    OrphanCause,
+    OrphanedVisit,
+    UnmatchedExit,
+    UnmatchedWhy,
+)
+from parking.stays import Match, Stay
 from parking.store import Outcome, Transition, VisitStore
 from parking.summary_client import SummarySink
+from parking.tariff import Tariff
 
 logger = logging.getLogger(__name__)
 
@@ -34,22 +42,25 @@ class _EventProcessor:
         sink: SummarySink,
         clock: Clock,
         metrics: ParkingMetrics,
+        lots: Lots,
     ) -> None:
         self._store = store
         self._sink = sink
         self._clock = clock
         self._metrics = metrics
+        self._lots = lots
 
     def process_message(self, message: Any) -> Transition:
         """Apply one event; raises ``InvalidEvent`` or ``TemporaryFailure``."""
         started = time.perf_counter()
         try:
-            event = parse_event(message, self.kind)
+            event = parse_event(message, self.kind, self._lots.default)
+            tariff = self._lots[event.lot_id].tariff
         except InvalidEvent as exc:
             self._metrics.rejected.labels(self.kind, exc.reason).inc()
             raise
         transition = self._apply(event)
-        self._settle(transition)
+        self._settle(transition, tariff)
         self._metrics.events.labels(self.kind, transition.outcome).inc()
         self._metrics.processing.labels(self.kind).observe(
             time.perf_counter() - started
@@ -65,35 +76,23 @@ class _EventProcessor:
     def _apply(self, event: CameraEvent) -> Transition:
         raise NotImplementedError
 
-    def _settle(self, transition: Transition) -> None:
-        outcome = transition.outcome
-        if outcome is Outcome.DUPLICATE and transition.first is not None:
+    def _settle(self, transition: Transition, tariff: Tariff) -> None:
+        if transition.outcome is Outcome.DUPLICATE:
             # A redelivery may follow a crash between the store step and the
-            # post, so a finished stay is posted again; the API keeps one row
-            # per stay id. Everything else was already done the first time.
-            if transition.first.outcome is Outcome.MATCHED:
-                self._deliver(transition.first, first_time=False)
+            # posts, so what the first delivery found is posted again; the
+            # API keeps one row per stay id and per event id. Counting was
+            # done the first time.
+            if transition.first is not None:
+                self._post(transition.first, tariff)
             return
-        if outcome is Outcome.MATCHED:
-            self._deliver(transition, first_time=True)
-        if transition.orphan is not None:
-            late = outcome is Outcome.ORPHANED
-            cause = "late_entry" if late else "reentry"
-            self._metrics.orphaned.labels(cause).inc()
-            logger.info(
-                "visit orphaned cause=%s plate=%s event=%s",
-                cause, transition.orphan.plate, transition.orphan.event_id,
-            )  # fmt: skip
-        if transition.superseded is not None:
-            report_unmatched(transition.superseded, self._metrics, "superseded")
+        # Counted at the store step, which happens once, before any post: a
+        # failed post comes back as a duplicate, which counts nothing.
+        self._count(transition, tariff)
+        self._post(transition, tariff)
 
-    def _deliver(self, transition: Transition, first_time: bool) -> None:
-        assert transition.entry is not None
-        assert transition.exit is not None
-        stay = Stay.between(transition.entry, transition.exit)
-        if first_time:
-            # Counted at the match, which the store makes once, not after the
-            # post: a failed post comes back as a duplicate, which counts nothing.
+    def _count(self, transition: Transition, tariff: Tariff) -> None:
+        stay = _stay(transition, tariff)
+        if stay is not None:
             self._metrics.stays.inc()
             if stay.clock_skew:
                 self._metrics.clock_skew.inc()
@@ -101,8 +100,39 @@ class _EventProcessor:
                     "exit before entry clamped plate=%s stay=%s",
                     stay.plate, stay.stay_id,
                 )  # fmt: skip
-        self._sink.record(stay)
-        logger.debug("stay recorded plate=%s stay=%s", stay.plate, stay.stay_id)
+            if stay.match is Match.FUZZY:
+                assert transition.exit is not None
+                self._metrics.misreads.labels("fuzzy").inc()
+                logger.info(
+                    "exit matched a misread plate read=%s entry_plate=%s stay=%s",
+                    transition.exit.plate, stay.plate, stay.stay_id,
+                )  # fmt: skip
+        if transition.ambiguous:
+            assert transition.exit is not None
+            self._metrics.misreads.labels("ambiguous").inc()
+            logger.info(
+                "exit misread ambiguous plate=%s event=%s candidates=%d",
+                transition.exit.plate, transition.exit.event_id,
+                transition.ambiguous,
+            )  # fmt: skip
+        orphan = _orphan(transition)
+        if orphan is not None:
+            report_orphaned(orphan, self._metrics)
+        unmatched = _superseded(transition)
+        if unmatched is not None:
+            report_unmatched(unmatched, self._metrics)
+
+    def _post(self, transition: Transition, tariff: Tariff) -> None:
+        stay = _stay(transition, tariff)
+        if stay is not None:
+            self._sink.record(stay)
+            logger.debug("stay recorded plate=%s stay=%s", stay.plate, stay.stay_id)
+        orphan = _orphan(transition)
+        if orphan is not None:
+            self._sink.record_orphan(orphan)
+        unmatched = _superseded(transition)
+        if unmatched is not None:
+            self._sink.record_unmatched(unmatched)
 
 
 class EntryEventProcessor(_EventProcessor):
@@ -119,9 +149,41 @@ class ExitEventProcessor(_EventProcessor):
         return self._store.leave(event, self._clock.now())
 
 
-def report_unmatched(exit_: Visit, metrics: ParkingMetrics, why: str) -> None:
+def _stay(transition: Transition, tariff: Tariff) -> Stay | None:
+    if transition.outcome is not Outcome.MATCHED:
+        return None
+    assert transition.entry is not None
+    assert transition.exit is not None
+    return Stay.between(transition.entry, transition.exit, tariff, transition.match)
+
+
+def _orphan(transition: Transition) -> OrphanedVisit | None:
+    if transition.orphan is None:
+        return None
+    late = transition.outcome is Outcome.ORPHANED
+    cause = OrphanCause.LATE_ENTRY if late else OrphanCause.REENTRY
+    return OrphanedVisit(transition.orphan, cause)
+
+
+def _superseded(transition: Transition) -> UnmatchedExit | None:
+    if transition.superseded is None:
+        return None
+    return UnmatchedExit(transition.superseded, UnmatchedWhy.SUPERSEDED)
+
+
+def report_unmatched(item: UnmatchedExit, metrics: ParkingMetrics) -> None:
     """An exit that never found its entry: the expected dirty-plate case."""
     metrics.unmatched.inc()
     logger.info(
-        "exit unmatched plate=%s event=%s why=%s", exit_.plate, exit_.event_id, why
-    )
+        "exit unmatched plate=%s event=%s why=%s",
+        item.exit.plate, item.exit.event_id, item.why,
+    )  # fmt: skip
+
+
+def report_orphaned(item: OrphanedVisit, metrics: ParkingMetrics) -> None:
+    """A visit closed without an exit: kept for review, not an error."""
+    metrics.orphaned.labels(item.cause).inc()
+    logger.info(
+        "visit orphaned cause=%s plate=%s event=%s",
+        item.cause, item.entry.plate, item.entry.event_id,
+    )  # fmt: skip

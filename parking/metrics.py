@@ -1,7 +1,8 @@
 """Domain metrics, declared once on a registry that tests can replace.
 
 Labels are bounded: event kinds, outcomes and rejection reasons come from fixed
-sets in the code; no plate, id or free text ever becomes a label value.
+sets in the code, car parks (``lot``) from the configuration (an event naming
+another one is refused); no plate, id or free text ever becomes a label value.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ LAG_BUCKETS = (0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 3600, 86400)
 #: orphan causes); a value missing here still counts, it just starts later.
 SUMMARY_FAILURE_CAUSES = ("unreachable", "server", "rejected")
 ORPHAN_CAUSES = ("late_entry", "reentry", "max_stay")
+MISREAD_RESULTS = ("fuzzy", "ambiguous")
 
 
 class ParkingMetrics:
@@ -92,15 +94,44 @@ class ParkingMetrics:
             ["kind"],
             registry=registry,
         )
+        self.misreads = Counter(
+            "parking_misread_exits_total",
+            "Exits with no open visit of their plate but one (fuzzy, matched) "
+            "or several (ambiguous, left unmatched) a misread away",
+            ["result"],
+            registry=registry,
+        )
         self.occupancy = Gauge(
             "parking_open_visits",
-            "Vehicles inside (open visits), read from the store",
+            "Vehicles inside (open visits) by car park, read from the store",
+            ["lot"],
+            multiprocess_mode="mostrecent",
+            registry=registry,
+        )
+        self.capacity = Gauge(
+            "parking_lot_capacity",
+            "Vehicles a car park holds (configured)",
+            ["lot"],
+            multiprocess_mode="mostrecent",
+            registry=registry,
+        )
+        self.full = Gauge(
+            "parking_lot_full",
+            "1 while a car park's open visits reach its capacity, else 0",
+            ["lot"],
             multiprocess_mode="mostrecent",
             registry=registry,
         )
         self.pending_exits = Gauge(
             "parking_pending_exits",
-            "Exits waiting for their entry within the grace period",
+            "Exits waiting for their entry within the grace period, by car park",
+            ["lot"],
+            multiprocess_mode="mostrecent",
+            registry=registry,
+        )
+        self.review_waiting = Gauge(
+            "parking_review_waiting",
+            "Unmatched exits and orphaned visits not yet written by the API",
             multiprocess_mode="mostrecent",
             registry=registry,
         )
@@ -125,6 +156,8 @@ class ParkingMetrics:
             self.summary_failures.labels(cause)
         for cause in ORPHAN_CAUSES:
             self.orphaned.labels(cause)
+        for result in MISREAD_RESULTS:
+            self.misreads.labels(result)
 
 
 _default: ParkingMetrics | None = None

@@ -3,17 +3,34 @@
 from __future__ import annotations
 
 import os
+import re
+from decimal import Decimal
 from functools import lru_cache
 from pathlib import Path
 from urllib.parse import quote, urlsplit, urlunsplit
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 #: Passwords that ship as defaults somewhere; refused outside development.
 KNOWN_DEFAULT_PASSWORDS = frozenset(
     {"guest", "admin", "changeme", "password", "secret", "redis", "rabbitmq"}
 )
+#: Car park names become Redis key parts, metric labels and CSV cells.
+LOT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+DEFAULT_LOT = "main"
+
+
+class TariffOverride(BaseModel):
+    """What one car park charges differently from the default tariff."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    free_minutes: float | None = Field(default=None, ge=0)
+    period_minutes: float | None = Field(default=None, gt=0)
+    price_per_period: Decimal | None = Field(default=None, ge=0)
+    daily_cap: Decimal | None = Field(default=None, ge=0)
+    currency: str | None = Field(default=None, pattern=r"^[A-Z]{3}$")
 
 
 def _secrets_dir() -> list[Path]:
@@ -57,6 +74,9 @@ class Settings(BaseSettings):
     summary_api_token: SecretStr | None = None
     summary_timeout_seconds: float = Field(default=5.0, gt=0)
     summary_csv: Path = Path("var/stays.csv")
+    #: Review files for an operator; empty: beside the stays CSV.
+    unmatched_csv: Path | None = None
+    orphans_csv: Path | None = None
     api_host: str = "127.0.0.1"
     api_port: int = 8000
     api_require_token_for_reads: bool = False
@@ -67,6 +87,27 @@ class Settings(BaseSettings):
     generator_burst: int = Field(default=1, ge=1)
     #: The simulated car park holds this many; entries pause while it is full.
     generator_capacity: int = Field(default=1000, ge=1)
+
+    #: Share of simulated exits of cars inside whose plate is misread.
+    generator_misread_ratio: float = Field(default=0.03, ge=0.0, le=1.0)
+
+    #: Car parks and their capacities (JSON, ``{"main": 1000, "north": 200}``).
+    #: Events name theirs in ``lot_id``; one naming a car park not listed
+    #: here is refused, which keeps the ``lot`` label of metrics bounded.
+    lots: dict[str, int] = Field(default_factory=lambda: {DEFAULT_LOT: 1000})
+    #: The car park of events without a ``lot_id``.
+    default_lot: str = DEFAULT_LOT
+    #: The tariff of every car park (money in decimal text, never floats).
+    tariff_free_minutes: float = Field(default=15, ge=0)
+    tariff_period_minutes: float = Field(default=60, gt=0)
+    tariff_price_per_period: Decimal = Field(default=Decimal("3.00"), ge=0)
+    tariff_daily_cap: Decimal = Field(default=Decimal("24.00"), ge=0)
+    tariff_currency: str = Field(default="AUD", pattern=r"^[A-Z]{3}$")
+    #: Per car park changes to it (JSON, ``{"north": {"price_per_period": "4.50"}}``).
+    lot_tariffs: dict[str, TariffOverride] = Field(default_factory=dict)
+    #: A misread exit matches an open visit whose plate differs in at most
+    #: this many confusable characters (0: exact plates only).
+    misread_max_positions: int = Field(default=1, ge=0, le=4)
 
     grace_seconds: int = Field(default=30, ge=1)
     duplicate_window_seconds: float = Field(default=5.0, ge=0)
@@ -91,6 +132,33 @@ class Settings(BaseSettings):
     flower_user: str = "admin"
     flower_password: SecretStr | None = None
     var_dir: Path = Path("var")
+
+    @model_validator(mode="after")
+    def _known_lots(self) -> Settings:
+        if not self.lots:
+            raise ValueError("lots must name at least one car park")
+        for name, capacity in self.lots.items():
+            if not LOT_NAME.fullmatch(name):
+                raise ValueError(
+                    f"lot name {name!r} must be 1-64 letters, digits, '_', '.'"
+                    " or '-', starting with a letter or digit"
+                )
+            if capacity < 1:
+                raise ValueError(f"lot {name!r} must hold at least one vehicle")
+        if self.default_lot not in self.lots:
+            raise ValueError(f"default_lot {self.default_lot!r} is not in lots")
+        unknown = sorted(set(self.lot_tariffs) - set(self.lots))
+        if unknown:
+            raise ValueError(f"lot_tariffs names lots not in lots: {unknown}")
+        return self
+
+    @property
+    def unmatched_csv_path(self) -> Path:
+        return self.unmatched_csv or self.summary_csv.with_name("unmatched.csv")
+
+    @property
+    def orphans_csv_path(self) -> Path:
+        return self.orphans_csv or self.summary_csv.with_name("orphans.csv")
 
     @model_validator(mode="after")
     def _refuse_default_passwords(self) -> Settings:

@@ -167,6 +167,9 @@ def build_view(
         ),
         "occupancy": w.total("parking_open_visits"),
         "pending_exits": w.total("parking_pending_exits"),
+        "lots": _lots(w),
+        "misreads": w.by("parking_misread_exits_total", "result"),
+        "review_waiting": w.total("parking_review_waiting"),
         "matched_share": _matched_share(w_before, w),
         "queues": w.by("celery_queue_length", "queue_name"),
         "api": {
@@ -186,6 +189,21 @@ def build_view(
                 )
             ).get("/summaries"),
         },
+    }
+
+
+def _lots(scrape: Scrape) -> dict[str, dict[str, Any]]:
+    """Occupancy, capacity and the full signal of each car park."""
+    inside = scrape.by("parking_open_visits", "lot")
+    capacity = scrape.by("parking_lot_capacity", "lot")
+    full = scrape.by("parking_lot_full", "lot")
+    return {
+        lot: {
+            "open": inside.get(lot),
+            "capacity": capacity.get(lot),
+            "full": bool(full.get(lot)),
+        }
+        for lot in sorted(set(inside) | set(capacity))
     }
 
 
@@ -262,6 +280,7 @@ def _pct(value: float | None) -> str:
 def render(view: dict[str, Any]) -> Group:
     return Group(
         _header(view),
+        _lots_table(view),
         _events_table(view),
         _latency_table(view),
         _tasks_table(view),
@@ -280,6 +299,13 @@ def _header(view: dict[str, Any]) -> Table:
         _num(view["occupancy"], 0),
         f"pending exits {_num(view['pending_exits'], 0)}",
     )
+    misreads = view["misreads"]
+    head.add_row(
+        "misread exits",
+        f"{_num(misreads.get('fuzzy'), 0)} matched",
+        f"{_num(misreads.get('ambiguous'), 0)} ambiguous, review waiting "
+        f"{_num(view['review_waiting'], 0)}",
+    )
     head.add_row(
         "matched share",
         f"{_pct(share['window'])} now",
@@ -296,6 +322,15 @@ def _header(view: dict[str, Any]) -> Table:
         f"window {_num(view['window_seconds'])} s",
     )
     return head
+
+
+def _lots_table(view: dict[str, Any]) -> Table:
+    table = Table("car park", "inside", "capacity", "full", title="car parks")
+    for lot, figures in view["lots"].items():
+        full = "[red]FULL[/]" if figures["full"] else "no"
+        inside, capacity = _num(figures["open"], 0), _num(figures["capacity"], 0)
+        table.add_row(lot, inside, capacity, full)
+    return table
 
 
 def _events_table(view: dict[str, Any]) -> Table:

@@ -5,13 +5,27 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from decimal import Decimal
+from enum import StrEnum
 from typing import Any
 
 from parking.events import format_time
+from parking.settings import DEFAULT_LOT
+from parking.tariff import Tariff
 
 #: Namespace for stay ids: the same pair of events always gives the same id.
 _STAY_NAMESPACE = uuid.UUID("5b0f3a52-93a4-4d8e-a0f1-3c7e0a54f1d2")
 _ONE_MICROSECOND = timedelta(microseconds=1)
+#: The settings' default tariff, for callers that price nothing themselves.
+STANDARD_TARIFF = Tariff()
+
+
+class Match(StrEnum):
+    """How the exit found its entry."""
+
+    EXACT = "exact"
+    #: The plates differ in characters that readers confuse (O/0, B/8, ...).
+    FUZZY = "fuzzy"
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,6 +35,7 @@ class Visit:
     event_id: str
     plate: str
     at: datetime
+    lot_id: str = DEFAULT_LOT
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,12 +44,22 @@ class Stay:
     plate: str
     entry_at: datetime
     exit_at: datetime
+    fee: Decimal
+    currency: str
+    lot_id: str = DEFAULT_LOT
+    match: Match = Match.EXACT
     #: True when the exit camera's time was before the entry's and was clamped.
     clock_skew: bool = False
 
     @classmethod
-    def between(cls, entry: Visit, exit_: Visit) -> Stay:
-        """The stay from two matched reads, under the clock-skew rule.
+    def between(
+        cls,
+        entry: Visit,
+        exit_: Visit,
+        tariff: Tariff = STANDARD_TARIFF,
+        match: Match = Match.EXACT,
+    ) -> Stay:
+        """The stay from two matched reads, under the clock-skew rule, priced.
 
         The entry and exit cameras keep their own clocks, so an exit can be
         stamped a little before its entry. The store pairs the two only when
@@ -46,14 +71,23 @@ class Stay:
         ``parking_clock_skew_total``). An exit further before the entry is
         not this visit's: it waits as a pending exit and is declared
         unmatched after the grace period, and the visit stays open.
+
+        The fee is the car park's tariff applied to the recorded duration.
+        The plate is the entry's: a fuzzy match means the exit camera
+        misread it, and the invoice goes to the plate read at the entry.
         """
         skewed = exit_.at < entry.at
         stay_id = uuid.uuid5(_STAY_NAMESPACE, f"{entry.event_id}\x00{exit_.event_id}")
+        exit_at = entry.at if skewed else exit_.at
         return cls(
             stay_id=str(stay_id),
             plate=entry.plate,
             entry_at=entry.at,
-            exit_at=entry.at if skewed else exit_.at,
+            exit_at=exit_at,
+            fee=tariff.fee(exit_at - entry.at),
+            currency=tariff.currency,
+            lot_id=entry.lot_id,
+            match=match,
             clock_skew=skewed,
         )
 
@@ -68,6 +102,10 @@ class Stay:
             "entry_date_time": format_time(self.entry_at),
             "exit_date_time": format_time(self.exit_at),
             "duration_seconds": format_seconds(self.duration),
+            "lot_id": self.lot_id,
+            "fee": str(self.fee),
+            "currency": self.currency,
+            "match": self.match.value,
             "clock_skew": self.clock_skew,
         }
 

@@ -1,16 +1,23 @@
 """Open visits and pending exits in Redis, one Lua script per atomic step.
 
-Plates are spread over a fixed number of buckets. Every key a step touches
-carries its bucket as a hash tag (``parking:{b7}:visit:ABC123``), including the
-bucket's indexes of open visits and pending exits, so each script stays on one
-Redis Cluster slot while the indexes (occupancy, sweeps) stay exact and atomic.
+Plates are spread over a fixed number of buckets by the hash of their
+confusion form (``parking.misreads``), so a plate and every plate one misread
+away share a bucket. Every key a step touches carries its bucket as a hash tag
+(``parking:{b7}:visit:main:ABC123``), including the bucket's per car park
+indexes of open visits, pending exits and plates of one confusion form, so
+each script stays on one Redis Cluster slot while the indexes (occupancy,
+sweeps, misread lookups) stay exact and atomic.
+
+Exits declared unmatched and visits closed as orphans by a sweep move, in the
+same step that takes them, into the bucket's review outbox; they leave it only
+once the summary API has them, so a crash or an API outage loses none.
 """
 
 from __future__ import annotations
 
 import json
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -21,7 +28,17 @@ import redis
 
 from parking.errors import StoreUnavailable
 from parking.events import CameraEvent
-from parking.stays import Visit
+from parking.misreads import confusion_form
+from parking.plates import normalise_plate
+from parking.review import (
+    OrphanCause,
+    OrphanedVisit,
+    Review,
+    UnmatchedExit,
+    UnmatchedWhy,
+)
+from parking.settings import DEFAULT_LOT
+from parking.stays import Match, Visit
 
 #: Fixed forever for a given database: changing it moves every key.
 BUCKETS = 16
@@ -33,7 +50,7 @@ _US = timedelta(microseconds=1)
 # compared with tonumber() but never re-encoded.
 _ENTER = """
 local visit_key, exit_key, seen_key, open_key, pending_key = unpack(KEYS)
-local entered_key = KEYS[7]
+local entered_key, similar_key = KEYS[7], KEYS[8]
 local id, plate, at_s, member = ARGV[1], ARGV[2], ARGV[3], ARGV[8]
 local at, dup, skew = tonumber(at_s), tonumber(ARGV[4]), tonumber(ARGV[5])
 local first = redis.call('GET', seen_key)
@@ -60,6 +77,7 @@ elseif visit[1] and at < tonumber(visit[3]) then
 else
   redis.call('HSET', visit_key, 'id', id, 'plate', plate, 'at', at_s)
   redis.call('ZADD', open_key, ARGV[7], member)
+  redis.call('SADD', similar_key, member)
   if visit[1] then
     result = cjson.encode({o='opened',
       orphan={id=visit[1], plate=visit[2], at=visit[3]}})
@@ -73,58 +91,118 @@ return result
 
 _LEAVE = """
 local visit_key, exit_key, seen_key, open_key, pending_key, last_key = unpack(KEYS)
-local entered_key = KEYS[7]
+local entered_key, similar_key = KEYS[7], KEYS[8]
 local id, plate, at_s, member = ARGV[1], ARGV[2], ARGV[3], ARGV[8]
 local at, dup, skew = tonumber(at_s), tonumber(ARGV[4]), tonumber(ARGV[5])
+local tag, lot, max_misread = ARGV[11], ARGV[12], tonumber(ARGV[13])
 local first = redis.call('GET', seen_key)
 if first then return '{"o":"duplicate","first":' .. first .. '}' end
 local this = {id=id, plate=plate, at=at_s}
-local visit = redis.call('HMGET', visit_key, 'id', 'plate', 'at')
-local result
-if visit[1] and at >= tonumber(visit[3]) - skew then
-  redis.call('DEL', visit_key)
-  redis.call('ZREM', open_key, member)
+
+-- Keys of another plate of the same confusion form: the same hash tag, so
+-- the same slot, though no caller can name them before the lookup.
+local function key_of(kind, other)
+  return tag .. kind .. ':' .. lot .. ':' .. other
+end
+
+local function close(other, visit_at)
+  redis.call('DEL', key_of('visit', other))
+  redis.call('ZREM', open_key, other)
+  redis.call('SREM', similar_key, other)
   if dup > 0 then
     -- Compared in event time, so kept as long as a pending exit: a second
     -- read that waited in a backlog for seconds is still the same exit.
-    redis.call('SET', last_key, at_s, 'EX', ARGV[10])
-    redis.call('SET', entered_key, visit[3], 'EX', ARGV[10])
+    redis.call('SET', key_of('last', other), at_s, 'EX', ARGV[10])
+    redis.call('SET', key_of('entered', other), visit_at, 'EX', ARGV[10])
   end
+end
+
+-- Open visits whose plate differs from this one only in at most
+-- max_misread characters readers confuse (one confusion form, so the same
+-- length in bytes, and only confusable ASCII bytes can differ).
+local function misread_candidates()
+  local found = {}
+  if max_misread < 1 then return found end
+  for _, other in ipairs(redis.call('SMEMBERS', similar_key)) do
+    if other ~= member and #other == #member then
+      local differ = 0
+      for i = 1, #member do
+        if string.byte(member, i) ~= string.byte(other, i) then
+          differ = differ + 1
+          if differ > max_misread then break end
+        end
+      end
+      if differ <= max_misread then
+        local v = redis.call('HMGET', key_of('visit', other), 'id', 'plate', 'at')
+        if v[1] and at >= tonumber(v[3]) - skew then
+          found[#found + 1] = {other, v}
+        end
+      end
+    end
+  end
+  return found
+end
+
+local visit = redis.call('HMGET', visit_key, 'id', 'plate', 'at')
+local result
+if visit[1] and at >= tonumber(visit[3]) - skew then
+  close(member, visit[3])
   result = cjson.encode({o='matched',
     entry={id=visit[1], plate=visit[2], at=visit[3]}, exit=this})
 else
   local last = redis.call('GET', last_key)
   local pending = redis.call('HMGET', exit_key, 'id', 'plate', 'at')
-  if (last and math.abs(at - tonumber(last)) <= dup)
-     or (pending[1] and math.abs(at - tonumber(pending[3])) <= dup) then
+  local found = {}
+  local repeated = (last and math.abs(at - tonumber(last)) <= dup)
+     or (pending[1] and math.abs(at - tonumber(pending[3])) <= dup)
+  -- An open visit of this very plate that the exit cannot close (stamped
+  -- long before it) says the plate was read right: no misread to look for.
+  if not repeated and not visit[1] then found = misread_candidates() end
+  if repeated then
     result = cjson.encode({o='duplicate_read'})
+  elseif #found == 1 then
+    local other, v = found[1][1], found[1][2]
+    close(other, v[3])
+    -- A second read with the same misread is the same exit too.
+    if dup > 0 then redis.call('SET', last_key, at_s, 'EX', ARGV[10]) end
+    result = cjson.encode({o='matched', m='fuzzy',
+      entry={id=v[1], plate=v[2], at=v[3]}, exit=this})
   else
+    redis.call('DEL', exit_key)
     redis.call('HSET', exit_key, 'id', id, 'plate', plate, 'at', at_s)
+    if #found > 1 then redis.call('HSET', exit_key, 'why', 'ambiguous') end
     redis.call('EXPIRE', exit_key, ARGV[10])
     redis.call('ZADD', pending_key, ARGV[9], member)
+    local out = {o='pending'}
+    if #found > 1 then out.ambiguous = #found; out.exit = this end
     if pending[1] then
-      result = cjson.encode({o='pending',
-        superseded={id=pending[1], plate=pending[2], at=pending[3]}})
-    else
-      result = '{"o":"pending"}'
+      out.superseded = {id=pending[1], plate=pending[2], at=pending[3]}
     end
+    result = cjson.encode(out)
   end
 end
 redis.call('SET', seen_key, result, 'EX', ARGV[6])
 return result
 """
 
-# Removes one record if its index score is still due; the score check makes a
-# concurrent sweep, or a match that came in between, harmless.
+# Moves one record into the review outbox if its index score is still due;
+# the score check makes a concurrent sweep, or a match that came in between,
+# harmless. The outbox entry is keyed by kind and event id: taking it again
+# would overwrite it with itself.
 _TAKE_DUE = """
-local record_key, index_key = KEYS[1], KEYS[2]
-local score = redis.call('ZSCORE', index_key, ARGV[1])
-if not score or tonumber(score) > tonumber(ARGV[2]) then return false end
-local fields = redis.call('HMGET', record_key, 'id', 'plate', 'at')
+local record_key, index_key, outbox_key, similar_key = unpack(KEYS)
+local member, due, kind, lot, why = unpack(ARGV)
+local score = redis.call('ZSCORE', index_key, member)
+if not score or tonumber(score) > tonumber(due) then return false end
+local fields = redis.call('HMGET', record_key, 'id', 'plate', 'at', 'why')
 redis.call('DEL', record_key)
-redis.call('ZREM', index_key, ARGV[1])
+redis.call('ZREM', index_key, member)
+if similar_key then redis.call('SREM', similar_key, member) end
 if not fields[1] then return false end
-return cjson.encode({id=fields[1], plate=fields[2], at=fields[3]})
+local item = cjson.encode({k=kind, lot=lot, id=fields[1], plate=fields[2],
+  at=fields[3], why=fields[4] or why})
+redis.call('HSET', outbox_key, kind .. ':' .. fields[1], item)
+return item
 """
 
 
@@ -150,17 +228,23 @@ class Transition:
     superseded: Visit | None = None
     #: For a duplicate delivery: what the first delivery did.
     first: Transition | None = None
+    #: How a matched exit found its entry.
+    match: Match = Match.EXACT
+    #: Open visits a pending exit could have been a misread of (0 or 2+).
+    ambiguous: int = 0
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Transition:
+    def from_json(cls, data: dict[str, Any], lot: str = DEFAULT_LOT) -> Transition:
         first = data.get("first")
         return cls(
             outcome=Outcome(data["o"]),
-            entry=_visit(data.get("entry")),
-            exit=_visit(data.get("exit")),
-            orphan=_visit(data.get("orphan")),
-            superseded=_visit(data.get("superseded")),
-            first=cls.from_json(first) if first else None,
+            entry=_visit(data.get("entry"), lot),
+            exit=_visit(data.get("exit"), lot),
+            orphan=_visit(data.get("orphan"), lot),
+            superseded=_visit(data.get("superseded"), lot),
+            first=cls.from_json(first, lot) if first else None,
+            match=Match(data.get("m", Match.EXACT)),
+            ambiguous=int(data.get("ambiguous", 0)),
         )
 
 
@@ -176,17 +260,25 @@ class LedgerPolicy:
     clock_skew: timedelta = timedelta(minutes=2)
     grace: timedelta = timedelta(seconds=30)
     event_ttl: timedelta = timedelta(days=7)
+    #: Confusable characters a misread exit may differ in (0: exact only).
+    misread_max_positions: int = 1
 
 
 class RedisVisitStore:
-    """The ledger of open visits; every public method is one round trip."""
+    """The ledger of open visits; every public step is one round trip."""
 
     def __init__(
-        self, client: redis.Redis, policy: LedgerPolicy, prefix: str = "parking"
+        self,
+        client: redis.Redis,
+        policy: LedgerPolicy,
+        prefix: str = "parking",
+        lots: Sequence[str] = (DEFAULT_LOT,),
     ) -> None:
         self._redis = client
         self._policy = policy
         self._prefix = prefix
+        #: Indexes are per car park: sweeps and counts visit each of these.
+        self._lots = tuple(lots)
         self._enter = client.register_script(_ENTER)
         self._leave = client.register_script(_LEAVE)
         self._take_due = client.register_script(_TAKE_DUE)
@@ -199,16 +291,19 @@ class RedisVisitStore:
 
     def _step(self, script: Any, event: CameraEvent, now: datetime) -> Transition:
         policy = self._policy
-        tag = self._tag(event.plate_key)
+        form = confusion_form(event.plate_key)
+        tag = self._tag(form)
+        lot = event.lot_id
         member = event.plate_key
         keys = [
-            f"{tag}:visit:{member}",
-            f"{tag}:exit:{member}",
+            f"{tag}:visit:{lot}:{member}",
+            f"{tag}:exit:{lot}:{member}",
             f"{tag}:event:{event.id}",
-            f"{tag}:open",
-            f"{tag}:pending",
-            f"{tag}:last:{member}",
-            f"{tag}:entered:{member}",
+            f"{tag}:open:{lot}",
+            f"{tag}:pending:{lot}",
+            f"{tag}:last:{lot}:{member}",
+            f"{tag}:entered:{lot}:{member}",
+            f"{tag}:similar:{lot}:{form}",
         ]
         pending_ttl = int(policy.grace.total_seconds() * 4) + 3600
         args = [
@@ -222,67 +317,117 @@ class RedisVisitStore:
             member,
             _micros(now + policy.grace),
             pending_ttl,
+            f"{tag}:",
+            lot,
+            policy.misread_max_positions,
         ]
         with _redis_errors():
             raw = script(keys=keys, args=args)
-        return Transition.from_json(json.loads(raw))
+        return Transition.from_json(json.loads(raw), lot)
 
-    def take_expired_exits(self, now: datetime, limit: int = 1000) -> list[Visit]:
-        """Pending exits whose grace period is over; each is returned once."""
-        return self._take("pending", "exit", _micros(now), limit)
+    def take_expired_exits(
+        self, now: datetime, limit: int = 1000
+    ) -> list[UnmatchedExit]:
+        """Pending exits whose grace period is over, each taken once into the
+        review outbox (and returned)."""
+        taken = self._take(
+            "pending", "exit", "unmatched", UnmatchedWhy.GRACE_EXPIRED,
+            _micros(now), limit,
+        )  # fmt: skip
+        return [item for item in taken if isinstance(item, UnmatchedExit)]
 
     def take_stale_visits(
         self, opened_before: datetime, limit: int = 1000
-    ) -> list[Visit]:
-        """Visits opened before the cut-off, closed here as orphans."""
-        return self._take("open", "visit", _micros(opened_before), limit)
+    ) -> list[OrphanedVisit]:
+        """Visits opened before the cut-off, closed as orphans into the outbox."""
+        taken = self._take(
+            "open", "visit", "orphan", OrphanCause.MAX_STAY,
+            _micros(opened_before), limit,
+        )  # fmt: skip
+        return [item for item in taken if isinstance(item, OrphanedVisit)]
 
-    def _take(self, index: str, record: str, due: int, limit: int) -> list[Visit]:
-        taken: list[Visit] = []
+    def _take(
+        self, index: str, record: str, kind: str, why: str, due: int, limit: int
+    ) -> list[Review]:
+        places = [(self._bucket(b), lot) for b in range(BUCKETS) for lot in self._lots]
         with _redis_errors():
-            for bucket in range(BUCKETS):
-                tag = f"{self._prefix}:{{b{bucket}}}"
-                # Without scores, the reply is a plain list of members.
-                members = cast(
-                    "list[bytes | str]",
-                    self._redis.zrangebyscore(
-                        f"{tag}:{index}", "-inf", due, start=0, num=limit
-                    ),
-                )
-                if not members:
-                    continue
-                pipe = self._redis.pipeline(transaction=False)
-                for member in members:
-                    name = member.decode() if isinstance(member, bytes) else member
+            scan = self._redis.pipeline(transaction=False)
+            for tag, lot in places:
+                scan.zrangebyscore(f"{tag}:{index}:{lot}", "-inf", due, 0, limit)
+            # Without scores, each reply is a plain list of members.
+            found = cast("list[list[bytes | str]]", scan.execute())
+            take = self._redis.pipeline(transaction=False)
+            for (tag, lot), members in zip(places, found, strict=True):
+                for raw in members:
+                    member = raw.decode() if isinstance(raw, bytes) else raw
+                    keys = [
+                        f"{tag}:{record}:{lot}:{member}",
+                        f"{tag}:{index}:{lot}",
+                        f"{tag}:outbox",
+                    ]
+                    if record == "visit":
+                        form = confusion_form(member)
+                        keys.append(f"{tag}:similar:{lot}:{form}")
                     self._take_due(
-                        keys=[f"{tag}:{record}:{name}", f"{tag}:{index}"],
-                        args=[name, due],
-                        client=pipe,
+                        keys=keys, args=[member, due, kind, lot, why], client=take
                     )
-                taken.extend(
-                    visit
-                    for raw in pipe.execute()
-                    if raw and (visit := _visit(json.loads(raw)))
-                )
-        return taken
+            replies = take.execute() if len(take) else []
+        return [_review(json.loads(raw)) for raw in replies if raw]
 
-    def counts(self) -> dict[str, int]:
-        """Open visits (occupancy) and exits waiting for their entry."""
+    def waiting_reviews(self, limit: int = 1000) -> list[Review]:
+        """Review records taken by a sweep and not yet handed to the API."""
         with _redis_errors():
             pipe = self._redis.pipeline(transaction=False)
             for bucket in range(BUCKETS):
-                tag = f"{self._prefix}:{{b{bucket}}}"
-                pipe.zcard(f"{tag}:open")
-                pipe.zcard(f"{tag}:pending")
+                pipe.hvals(f"{self._bucket(bucket)}:outbox")
+            buckets = cast("list[list[bytes]]", pipe.execute())
+        items = [_review(json.loads(raw)) for values in buckets for raw in values]
+        return items[:limit]
+
+    def reviewed(self, items: Iterable[Review]) -> None:
+        """Forget review records the API has written."""
+        with _redis_errors():
+            pipe = self._redis.pipeline(transaction=False)
+            for item in items:
+                visit = item.exit if isinstance(item, UnmatchedExit) else item.entry
+                tag = self._tag(confusion_form(normalise_plate(visit.plate)))
+                pipe.hdel(f"{tag}:outbox", item.key)
+            if len(pipe):
+                pipe.execute()
+
+    def counts(self) -> dict[str, int]:
+        """Open visits (occupancy) and exits waiting for their entry, in all lots."""
+        by_lot = self.counts_by_lot()
+        return {
+            "open": sum(lot["open"] for lot in by_lot.values()),
+            "pending": sum(lot["pending"] for lot in by_lot.values()),
+        }
+
+    def counts_by_lot(self) -> dict[str, dict[str, int]]:
+        """Open visits and pending exits of each car park."""
+        with _redis_errors():
+            pipe = self._redis.pipeline(transaction=False)
+            for lot in self._lots:
+                for bucket in range(BUCKETS):
+                    tag = self._bucket(bucket)
+                    pipe.zcard(f"{tag}:open:{lot}")
+                    pipe.zcard(f"{tag}:pending:{lot}")
             sizes = pipe.execute()
-        return {"open": sum(sizes[0::2]), "pending": sum(sizes[1::2])}
+        per_lot = 2 * BUCKETS
+        counts = {}
+        for n, lot in enumerate(self._lots):
+            mine = sizes[n * per_lot : (n + 1) * per_lot]
+            counts[lot] = {"open": sum(mine[0::2]), "pending": sum(mine[1::2])}
+        return counts
 
     def ping(self) -> bool:
         with _redis_errors():
             return bool(self._redis.ping())
 
-    def _tag(self, plate_key: str) -> str:
-        bucket = zlib.crc32(plate_key.encode()) % BUCKETS
+    def _tag(self, form: str) -> str:
+        return self._bucket(zlib.crc32(form.encode()) % BUCKETS)
+
+    def _bucket(self, bucket: int) -> str:
         return f"{self._prefix}:{{b{bucket}}}"
 
 
@@ -290,11 +435,23 @@ def _micros(at: datetime) -> int:
     return (at - _EPOCH) // _US
 
 
-def _visit(data: dict[str, str] | None) -> Visit | None:
+def _at(micros: str) -> datetime:
+    return _EPOCH + timedelta(microseconds=int(micros))
+
+
+def _visit(data: dict[str, str] | None, lot: str) -> Visit | None:
     if not data:
         return None
-    at = _EPOCH + timedelta(microseconds=int(data["at"]))
-    return Visit(event_id=data["id"], plate=data["plate"], at=at)
+    return Visit(
+        event_id=data["id"], plate=data["plate"], at=_at(data["at"]), lot_id=lot
+    )
+
+
+def _review(data: dict[str, str]) -> Review:
+    visit = Visit(data["id"], data["plate"], _at(data["at"]), data["lot"])
+    if data["k"] == "unmatched":
+        return UnmatchedExit(visit, UnmatchedWhy(data["why"]))
+    return OrphanedVisit(visit, OrphanCause(data["why"]))
 
 
 @contextmanager

@@ -1,25 +1,31 @@
-"""Posts stays to the summary API over one kept-alive HTTP session."""
+"""Posts stays and review records to the summary API over one HTTP session."""
 
 from __future__ import annotations
 
 import logging
 import time
-from typing import Protocol
+from typing import Any, Protocol
 
 import requests
 from requests.adapters import HTTPAdapter
 
 from parking.errors import SummaryRejected, SummaryUnavailable
 from parking.metrics import ParkingMetrics
+from parking.review import OrphanedVisit, UnmatchedExit
 from parking.stays import Stay
 
 logger = logging.getLogger(__name__)
 
 
 class SummarySink(Protocol):
-    """Where finished stays go. Must be idempotent on ``stay_id``."""
+    """Where finished stays and review records go.
+
+    Must be idempotent: on ``stay_id`` for stays, on the event id for the rest.
+    """
 
     def record(self, stay: Stay) -> None: ...
+    def record_unmatched(self, item: UnmatchedExit) -> None: ...
+    def record_orphan(self, item: OrphanedVisit) -> None: ...
 
 
 class HttpSummarySink:
@@ -30,7 +36,7 @@ class HttpSummarySink:
         token: str | None = None,
         timeout: float = 5.0,
     ) -> None:
-        self._url = base_url.rstrip("/") + "/summaries"
+        self._base = base_url.rstrip("/")
         self._metrics = metrics
         self._timeout = (min(timeout, 2.0), timeout)
         self._session = requests.Session()
@@ -42,10 +48,19 @@ class HttpSummarySink:
             self._session.headers["Authorization"] = f"Bearer {token}"
 
     def record(self, stay: Stay) -> None:
+        self._post("/summaries", stay.to_json(), f"stay={stay.stay_id}")
+
+    def record_unmatched(self, item: UnmatchedExit) -> None:
+        self._post("/unmatched", item.to_json(), f"unmatched={item.exit.event_id}")
+
+    def record_orphan(self, item: OrphanedVisit) -> None:
+        self._post("/orphans", item.to_json(), f"orphan={item.entry.event_id}")
+
+    def _post(self, path: str, body: dict[str, Any], what: str) -> None:
         started = time.perf_counter()
         try:
             response = self._session.post(
-                self._url, json=stay.to_json(), timeout=self._timeout
+                self._base + path, json=body, timeout=self._timeout
             )
         except requests.RequestException as exc:
             self._metrics.summary_failures.labels("unreachable").inc()
@@ -60,7 +75,7 @@ class HttpSummarySink:
             raise SummaryUnavailable(f"summary API answered {response.status_code}")
         self._metrics.summary_failures.labels("rejected").inc()
         raise SummaryRejected(
-            f"summary API refused stay={stay.stay_id} "
+            f"summary API refused {what} "
             f"status={response.status_code} body={response.text[:200]!r}"
         )
 

@@ -1,15 +1,25 @@
-"""The periodic sweep: grace periods that ran out and visits that never end."""
+"""The periodic sweep: grace periods that ran out and visits that never end.
+
+What a sweep takes goes into the store's review outbox in the same atomic
+step, and is handed to the summary API from there; a record leaves the outbox
+only once the API has it. A failed post, or a sweep killed mid-way, leaves it
+for the next sweep, and the API writes each one once (keyed by its event id).
+"""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 from parking.clock import Clock
-from parking.handlers import report_unmatched
+from parking.errors import SummaryRejected, SummaryUnavailable
+from parking.handlers import report_orphaned, report_unmatched
+from parking.lots import Lots
 from parking.metrics import ParkingMetrics
+from parking.review import Review, UnmatchedExit
 from parking.store import RedisVisitStore
+from parking.summary_client import SummarySink
 
 logger = logging.getLogger(__name__)
 
@@ -20,36 +30,96 @@ class SweepResult:
     orphaned: int
     open_visits: int
     pending_exits: int
+    #: Review records the API took in this sweep, and those still waiting.
+    posted: int = 0
+    waiting: int = 0
+    #: Open visits by car park.
+    occupancy: dict[str, int] = field(default_factory=dict)
 
 
 class Sweeper:
     def __init__(
         self,
         store: RedisVisitStore,
+        sink: SummarySink,
         clock: Clock,
         metrics: ParkingMetrics,
+        lots: Lots,
         max_stay: timedelta,
     ) -> None:
         self._store = store
+        self._sink = sink
         self._clock = clock
         self._metrics = metrics
+        self._lots = lots
         self._max_stay = max_stay
 
     def sweep(self) -> SweepResult:
         now = self._clock.now()
         expired = self._store.take_expired_exits(now)
         for exit_ in expired:
-            report_unmatched(exit_, self._metrics, "grace_expired")
+            report_unmatched(exit_, self._metrics)
         # Measured in processing time, not event time: a replay of old events
         # must not close every visit it opens.
         stale = self._store.take_stale_visits(now - self._max_stay)
         for visit in stale:
-            self._metrics.orphaned.labels("max_stay").inc()
-            logger.info(
-                "visit orphaned cause=max_stay plate=%s event=%s",
-                visit.plate, visit.event_id,
+            report_orphaned(visit, self._metrics)
+        posted, waiting = self._hand_over()
+        occupancy, pending = self._measure()
+        return SweepResult(
+            unmatched=len(expired),
+            orphaned=len(stale),
+            open_visits=sum(occupancy.values()),
+            pending_exits=pending,
+            posted=posted,
+            waiting=waiting,
+            occupancy=occupancy,
+        )
+
+    def _hand_over(self) -> tuple[int, int]:
+        """Post what waits in the outbox until the API stops taking it."""
+        waiting = self._store.waiting_reviews()
+        written: list[Review] = []
+        try:
+            for item in waiting:
+                self._post(item)
+                written.append(item)
+        except SummaryUnavailable as exc:
+            logger.warning(
+                "review records wait for the summary API waiting=%d error=%s",
+                len(waiting) - len(written), exc,
             )  # fmt: skip
-        counts = self._store.counts()
-        self._metrics.occupancy.set(counts["open"])
-        self._metrics.pending_exits.set(counts["pending"])
-        return SweepResult(len(expired), len(stale), counts["open"], counts["pending"])
+        except SummaryRejected as exc:
+            # Kept, not dropped: a refusal (a wrong token, say) needs a person,
+            # and once fixed the next sweep delivers everything.
+            logger.error(
+                "review records refused by the summary API waiting=%d error=%s",
+                len(waiting) - len(written), exc,
+            )  # fmt: skip
+        finally:
+            self._store.reviewed(written)
+        left = len(waiting) - len(written)
+        self._metrics.review_waiting.set(left)
+        return len(written), left
+
+    def _post(self, item: Review) -> None:
+        if isinstance(item, UnmatchedExit):
+            self._sink.record_unmatched(item)
+        else:
+            self._sink.record_orphan(item)
+
+    def _measure(self) -> tuple[dict[str, int], int]:
+        """Occupancy and pending exits per car park, into the gauges."""
+        counts = self._store.counts_by_lot()
+        occupancy: dict[str, int] = {}
+        pending_total = 0
+        for lot in self._lots:
+            mine = counts.get(lot.name, {})
+            inside, pending = mine.get("open", 0), mine.get("pending", 0)
+            occupancy[lot.name] = inside
+            pending_total += pending
+            self._metrics.occupancy.labels(lot.name).set(inside)
+            self._metrics.pending_exits.labels(lot.name).set(pending)
+            self._metrics.capacity.labels(lot.name).set(lot.capacity)
+            self._metrics.full.labels(lot.name).set(int(inside >= lot.capacity))
+        return occupancy, pending_total

@@ -10,6 +10,7 @@ import redis
 from parking.clock import SystemClock
 from parking.generators import EventGenerator, Publish
 from parking.handlers import EntryEventProcessor, ExitEventProcessor
+from parking.lots import Lots, lots_from_settings
 from parking.metrics import ParkingMetrics, default_metrics
 from parking.settings import Settings, get_settings
 from parking.store import LedgerPolicy, RedisVisitStore
@@ -35,6 +36,11 @@ def _metrics() -> ParkingMetrics:
 
 
 @cache
+def lots() -> Lots:
+    return lots_from_settings(settings())
+
+
+@cache
 def store() -> RedisVisitStore:
     conf = settings()
     client = redis.Redis.from_url(
@@ -48,8 +54,9 @@ def store() -> RedisVisitStore:
         clock_skew=timedelta(seconds=conf.clock_skew_seconds),
         grace=timedelta(seconds=conf.grace_seconds),
         event_ttl=timedelta(seconds=conf.event_ttl_seconds),
+        misread_max_positions=conf.misread_max_positions,
     )
-    return RedisVisitStore(client, policy, prefix=conf.queue_prefix)
+    return RedisVisitStore(client, policy, prefix=conf.queue_prefix, lots=lots().names)
 
 
 @cache
@@ -66,18 +73,18 @@ def sink() -> HttpSummarySink:
 
 @cache
 def entry_processor() -> EntryEventProcessor:
-    return EntryEventProcessor(store(), sink(), SystemClock(), _metrics())
+    return EntryEventProcessor(store(), sink(), SystemClock(), _metrics(), lots())
 
 
 @cache
 def exit_processor() -> ExitEventProcessor:
-    return ExitEventProcessor(store(), sink(), SystemClock(), _metrics())
+    return ExitEventProcessor(store(), sink(), SystemClock(), _metrics(), lots())
 
 
 @cache
 def sweeper() -> Sweeper:
     max_stay = timedelta(hours=settings().max_stay_hours)
-    return Sweeper(store(), SystemClock(), _metrics(), max_stay)
+    return Sweeper(store(), sink(), SystemClock(), _metrics(), lots(), max_stay)
 
 
 @cache
@@ -96,12 +103,15 @@ def generator(publish: Publish) -> EventGenerator:
         _metrics(),
         match_ratio=conf.match_ratio,
         capacity=conf.generator_capacity,
+        misread_ratio=conf.generator_misread_ratio,
+        lot=conf.default_lot,
     )
 
 
 def reset() -> None:
     """Forget every collaborator: a forked child must open its own sockets."""
     for factory in (
+        lots,
         store,
         sink,
         entry_processor,

@@ -95,4 +95,9 @@ def generate_exit(count: int = 1) -> int:
 @app.task(name="parking.sweep")
 def sweep() -> dict[str, int]:
     result = runtime.sweeper().sweep()
-    return {"unmatched": result.unmatched, "orphaned": result.orphaned}
+    return {
+        "unmatched": result.unmatched,
+        "orphaned": result.orphaned,
+        "posted": result.posted,
+        "waiting": result.waiting,
+    }

@@ -1,4 +1,9 @@
-"""The summary API: receives finished stays and appends them to the CSV."""
+"""The summary API: receives finished stays and appends them to the CSV.
+
+Beside the stays, it keeps what an operator reviews: exits that found no
+entry (``/unmatched``) and visits closed without an exit (``/orphans``), each
+in a CSV of its own next to the stays CSV, one row per event id.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import datetime
 from decimal import Decimal
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request, Response
 from fastapi.responses import JSONResponse
@@ -23,12 +28,32 @@ from pydantic import (
     model_validator,
 )
 
-from parking.api.ledger import CsvLedger
+from parking.api.ledger import (
+    ORPHAN_COLUMNS,
+    UNMATCHED_COLUMNS,
+    CsvLedger,
+)
 from parking.errors import InvalidEvent
-from parking.events import format_time, parse_time
+from parking.events import MAX_ID_LENGTH, format_time, parse_time
 from parking.plates import clean_plate
-from parking.settings import Settings
+from parking.review import OrphanCause, UnmatchedWhy
+from parking.settings import LOT_NAME, Settings
 from parking.stays import format_seconds
+
+_CENT = Decimal("0.01")
+#: A car park name as the settings allow it (a CSV cell and a metric label).
+LotId = Annotated[str, Field(pattern=f"^{LOT_NAME.pattern}$")]
+#: Paging of the listings.
+Limit = Annotated[int, Query(ge=1, le=1000)]
+Offset = Annotated[int, Query(ge=0)]
+
+
+def _time(value: Any, info: ValidationInfo) -> datetime:
+    try:
+        return parse_time(value, info.field_name or "time")
+    except InvalidEvent as exc:
+        raise ValueError(exc.detail) from None
+
 
 logger = logging.getLogger(__name__)
 
@@ -41,10 +66,15 @@ class StaySummary(BaseModel):
     stay_id: str = Field(
         min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*$"
     )
+    lot_id: LotId
     vehicle_plate: str
     entry_date_time: datetime
     exit_date_time: datetime
     duration_seconds: Decimal
+    #: Money in the tariff's currency: whole cents, never negative.
+    fee: Decimal = Field(ge=0, max_digits=14, decimal_places=2)
+    currency: str = Field(pattern=r"^[A-Z]{3}$")
+    match: Literal["exact", "fuzzy"] = "exact"
     clock_skew: bool = False
 
     @field_validator("vehicle_plate")
@@ -55,10 +85,7 @@ class StaySummary(BaseModel):
     @field_validator("entry_date_time", "exit_date_time", mode="before")
     @classmethod
     def _time(cls, value: Any, info: ValidationInfo) -> datetime:
-        try:
-            return parse_time(value, info.field_name or "time")
-        except InvalidEvent as exc:
-            raise ValueError(exc.detail) from None
+        return _time(value, info)
 
     @model_validator(mode="after")
     def _consistent(self) -> StaySummary:
@@ -72,13 +99,75 @@ class StaySummary(BaseModel):
     def row(self) -> dict[str, str]:
         return {
             "stay_id": self.stay_id,
+            "lot_id": self.lot_id,
             "vehicle_plate": self.vehicle_plate,
             "entry_date_time": format_time(self.entry_date_time),
             "exit_date_time": format_time(self.exit_date_time),
             "duration_seconds": format_seconds(
                 self.exit_date_time - self.entry_date_time
             ),
+            "fee": str(self.fee.quantize(_CENT)),
+            "currency": self.currency,
+            "match": self.match,
             "clock_skew": "true" if self.clock_skew else "false",
+        }
+
+
+class _ReviewRecord(BaseModel):
+    """A read an operator looks at, keyed by its event id."""
+
+    event_id: str = Field(min_length=1, max_length=MAX_ID_LENGTH)
+    lot_id: LotId
+    vehicle_plate: str
+
+    @field_validator("event_id")
+    @classmethod
+    def _event_id(cls, value: str) -> str:
+        if not value.strip() or not value.isprintable():
+            raise ValueError("event_id must be printable and not blank")
+        return value
+
+    @field_validator("vehicle_plate")
+    @classmethod
+    def _plate(cls, value: str) -> str:
+        return clean_plate(value)
+
+
+class UnmatchedRecord(_ReviewRecord):
+    exit_date_time: datetime
+    why: UnmatchedWhy
+
+    @field_validator("exit_date_time", mode="before")
+    @classmethod
+    def _time(cls, value: Any, info: ValidationInfo) -> datetime:
+        return _time(value, info)
+
+    def row(self) -> dict[str, str]:
+        return {
+            "event_id": self.event_id,
+            "lot_id": self.lot_id,
+            "vehicle_plate": self.vehicle_plate,
+            "exit_date_time": format_time(self.exit_date_time),
+            "why": self.why.value,
+        }
+
+
+class OrphanRecord(_ReviewRecord):
+    entry_date_time: datetime
+    cause: OrphanCause
+
+    @field_validator("entry_date_time", mode="before")
+    @classmethod
+    def _time(cls, value: Any, info: ValidationInfo) -> datetime:
+        return _time(value, info)
+
+    def row(self) -> dict[str, str]:
+        return {
+            "event_id": self.event_id,
+            "lot_id": self.lot_id,
+            "vehicle_plate": self.vehicle_plate,
+            "entry_date_time": format_time(self.entry_date_time),
+            "cause": self.cause.value,
         }
 
 
@@ -104,22 +193,52 @@ class ApiMetrics:
             "Requests refused for a missing or wrong token",
             registry=registry,
         )
+        self.review_rows = Counter(
+            "parking_api_review_rows_written_total",
+            "Unmatched exits and orphaned visits appended for review, by file",
+            ["file"],
+            registry=registry,
+        )
+        for name in ("unmatched", "orphans"):
+            self.review_rows.labels(name)
 
 
-def create_app(settings: Settings, ledger: CsvLedger | None = None) -> FastAPI:
-    """Build the API from its parts; tests pass their own settings and ledger."""
+def create_app(
+    settings: Settings,
+    ledger: CsvLedger | None = None,
+    unmatched: CsvLedger | None = None,
+    orphans: CsvLedger | None = None,
+) -> FastAPI:
+    """Build the API from its parts; tests pass their own settings and ledgers."""
     ledger = ledger or CsvLedger(settings.summary_csv)
+    unmatched = unmatched or CsvLedger(
+        settings.unmatched_csv_path,
+        columns=UNMATCHED_COLUMNS,
+        key="event_id",
+        name="unmatched",
+    )
+    orphans = orphans or CsvLedger(
+        settings.orphans_csv_path,
+        columns=ORPHAN_COLUMNS,
+        key="event_id",
+        name="orphans",
+    )
+    ledgers = (ledger, unmatched, orphans)
     registry = CollectorRegistry()
     metrics = ApiMetrics(registry)
     token = settings.summary_api_token
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        await ledger.start()
+        started: list[CsvLedger] = []
         try:
+            for each in ledgers:
+                await each.start()
+                started.append(each)
             yield
         finally:
-            await ledger.stop()
+            for each in started:
+                await each.stop()
 
     app = FastAPI(title="Parking stay summaries", lifespan=lifespan)
     app.state.ledger = ledger
@@ -167,24 +286,63 @@ def create_app(settings: Settings, ledger: CsvLedger | None = None) -> FastAPI:
         return JSONResponse({"stay_id": summary.stay_id, "written": False}, 200)
 
     @app.get("/summaries", dependencies=reads)
-    async def list_summaries(
-        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-        offset: Annotated[int, Query(ge=0)] = 0,
-    ) -> dict[str, Any]:
+    async def list_summaries(limit: Limit = 100, offset: Offset = 0) -> dict[str, Any]:
         """The latest stays first, ``limit`` at a time."""
-        rows = await asyncio.to_thread(lambda: list(ledger.read_all()))
-        rows.reverse()
-        return {
-            "total": len(rows),
-            "offset": offset,
-            "items": rows[offset : offset + limit],
-        }
+        return await _page(ledger, limit, offset)
+
+    async def review(
+        into: CsvLedger, record: UnmatchedRecord | OrphanRecord
+    ) -> JSONResponse:
+        written = await into.append(record.row())
+        logger.debug(
+            "review posted file=%s event=%s written=%s",
+            into.name, record.event_id, written,
+        )  # fmt: skip
+        if written:
+            metrics.review_rows.labels(into.name).inc()
+        body = {"event_id": record.event_id, "written": written}
+        return JSONResponse(body, 201 if written else 200)
+
+    @app.post("/unmatched", status_code=201, dependencies=[Depends(authorised)])
+    async def post_unmatched(record: UnmatchedRecord) -> JSONResponse:
+        """Keep an exit that found no entry; its event id is written once."""
+        return await review(unmatched, record)
+
+    @app.post("/orphans", status_code=201, dependencies=[Depends(authorised)])
+    async def post_orphan(record: OrphanRecord) -> JSONResponse:
+        """Keep a visit closed without an exit; its event id is written once."""
+        return await review(orphans, record)
+
+    @app.get("/unmatched", dependencies=reads)
+    async def list_unmatched(limit: Limit = 100, offset: Offset = 0) -> dict[str, Any]:
+        """Exits that found no entry, the latest first, for review."""
+        return await _page(unmatched, limit, offset)
+
+    @app.get("/orphans", dependencies=reads)
+    async def list_orphans(limit: Limit = 100, offset: Offset = 0) -> dict[str, Any]:
+        """Visits closed without an exit, the latest first, for review."""
+        return await _page(orphans, limit, offset)
 
     @app.get("/healthz")
     async def healthz() -> JSONResponse:
-        """Ready when the CSV can be written."""
-        ok = ledger.healthy()
-        body = {"status": "ok" if ok else "failing", "rows": ledger.rows}
+        """Ready when every CSV can be written."""
+        ok = all(each.healthy() for each in ledgers)
+        body = {
+            "status": "ok" if ok else "failing",
+            "rows": ledger.rows,
+            "unmatched": unmatched.rows,
+            "orphans": orphans.rows,
+        }
         return JSONResponse(body, 200 if ok else 503)
 
     return app
+
+
+async def _page(ledger: CsvLedger, limit: int, offset: int) -> dict[str, Any]:
+    rows = await asyncio.to_thread(lambda: list(ledger.read_all()))
+    rows.reverse()
+    return {
+        "total": len(rows),
+        "offset": offset,
+        "items": rows[offset : offset + limit],
+    }

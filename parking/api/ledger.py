@@ -1,8 +1,11 @@
-"""The stays CSV: one row per stay id, appended in durable batches.
+"""CSV ledgers: one row per key, appended in durable batches.
 
-One writer task owns the file. Requests queue their rows and wait; the writer
+One writer task owns each file. Requests queue their rows and wait; the writer
 takes everything queued, appends it, fsyncs once and then answers them all
 (group commit), so rows never interleave and an answered row is on disk.
+
+The stays CSV is keyed by stay id; the review files beside it (unmatched
+exits, orphaned visits) by the event id of the read they are about.
 """
 
 from __future__ import annotations
@@ -18,13 +21,33 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-COLUMNS = (
+STAY_COLUMNS = (
     "stay_id",
+    "lot_id",
     "vehicle_plate",
     "entry_date_time",
     "exit_date_time",
     "duration_seconds",
+    "fee",
+    "currency",
+    "match",
     "clock_skew",
+)
+#: The stays CSV's columns (the default ledger).
+COLUMNS = STAY_COLUMNS
+UNMATCHED_COLUMNS = (
+    "event_id",
+    "lot_id",
+    "vehicle_plate",
+    "exit_date_time",
+    "why",
+)
+ORPHAN_COLUMNS = (
+    "event_id",
+    "lot_id",
+    "vehicle_plate",
+    "entry_date_time",
+    "cause",
 )
 #: Cells a spreadsheet would run as a formula start with one of these.
 _FORMULA_LEADS = ("=", "+", "-", "@", "\t", "\r")
@@ -36,6 +59,10 @@ def neutralise(cell: str) -> str:
     return "'" + cell if cell.startswith(_FORMULA_LEADS) else cell
 
 
+class LedgerLayoutError(Exception):
+    """The file has other columns than this ledger writes."""
+
+
 @dataclass(slots=True)
 class _Pending:
     row: dict[str, str]
@@ -43,8 +70,20 @@ class _Pending:
 
 
 class CsvLedger:
-    def __init__(self, path: Path, fsync: bool = True) -> None:
+    def __init__(
+        self,
+        path: Path,
+        fsync: bool = True,
+        columns: tuple[str, ...] = STAY_COLUMNS,
+        key: str = "stay_id",
+        name: str = "stays",
+    ) -> None:
+        if key not in columns:
+            raise ValueError(f"key column {key!r} is not one of {columns}")
         self.path = path
+        self.columns = columns
+        self.key = key
+        self.name = name
         self._fsync = fsync
         self._ids: set[str] = set()
         self._rows = 0
@@ -63,10 +102,15 @@ class CsvLedger:
         self._queue = asyncio.Queue()
         self._file = open(self.path, "a", encoding="utf-8", newline="")  # noqa: SIM115
         if self._file.tell() == 0:
-            self._file.write(_encode([dict(zip(COLUMNS, COLUMNS, strict=True))]))
+            header = dict(zip(self.columns, self.columns, strict=True))
+            self._file.write(_encode([header], self.columns))
             self._sync()
-        self._task = asyncio.create_task(self._write_forever(), name="csv-writer")
-        logger.info("stays ledger open path=%s rows=%d", self.path, self._rows)
+        self._task = asyncio.create_task(
+            self._write_forever(), name=f"csv-writer-{self.name}"
+        )
+        logger.info(
+            "ledger open name=%s path=%s rows=%d", self.name, self.path, self._rows
+        )
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -80,8 +124,8 @@ class CsvLedger:
         return writer_alive and os.access(self.path, os.W_OK)
 
     async def append(self, row: dict[str, str]) -> bool:
-        """Write one stay; ``False`` when its id is already in the file."""
-        if row["stay_id"] in self._ids:
+        """Write one row; ``False`` when its key is already in the file."""
+        if self._key_of(row) in self._ids:
             return False
         assert self._queue is not None, "ledger not started"
         done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
@@ -98,7 +142,7 @@ class CsvLedger:
             try:
                 await self._write(batch)
             except Exception as exc:  # the writer must survive a full disk
-                logger.exception("stays ledger write failed")
+                logger.exception("ledger write failed name=%s", self.name)
                 for item in batch:
                     if not item.done.done():
                         item.done.set_exception(exc)
@@ -107,16 +151,16 @@ class CsvLedger:
         fresh: list[_Pending] = []
         seen: set[str] = set()
         for item in batch:
-            stay_id = item.row["stay_id"]
-            if stay_id in self._ids or stay_id in seen:
+            key = self._key_of(item.row)
+            if key in self._ids or key in seen:
                 item.done.set_result(False)
             else:
-                seen.add(stay_id)
+                seen.add(key)
                 fresh.append(item)
         if not fresh:
             return
         assert self._file is not None
-        self._file.write(_encode([item.row for item in fresh]))
+        self._file.write(_encode([item.row for item in fresh], self.columns))
         await asyncio.to_thread(self._sync)
         self._ids.update(seen)
         self._rows += len(fresh)
@@ -129,10 +173,17 @@ class CsvLedger:
         if self._fsync:
             os.fsync(self._file.fileno())
 
-    def _recover(self) -> None:
-        """Load the ids already written; drop a torn last line from a crash.
+    def _key_of(self, row: dict[str, str]) -> str:
+        # Compared as written: a key the file neutralised (a leading "=" or
+        # "-") must still be found after a restart.
+        return neutralise(row[self.key])
 
-        A torn line was never acknowledged, so its sender retries it.
+    def _recover(self) -> None:
+        """Load the keys already written; drop a torn last line from a crash.
+
+        A torn line was never acknowledged, so its sender retries it. A file
+        of another layout is refused: rows of two layouts under one header
+        would be misread by everything that reads the file.
         """
         self._ids = set()
         self._rows = 0
@@ -143,12 +194,24 @@ class CsvLedger:
             if data and not data.endswith(b"\n"):
                 keep = data.rfind(b"\n") + 1
                 logger.warning(
-                    "stays ledger dropping torn tail bytes=%d", len(data) - keep
-                )
+                    "ledger dropping torn tail name=%s bytes=%d",
+                    self.name, len(data) - keep,
+                )  # fmt: skip
                 raw.truncate(keep)
+        self._check_header()
         for row in self.read_all():
-            self._ids.add(row["stay_id"])
+            self._ids.add(row[self.key])
             self._rows += 1
+
+    def _check_header(self) -> None:
+        with open(self.path, encoding="utf-8", newline="") as handle:
+            header = next(csv.reader(handle), None)
+        if header is not None and tuple(header) != self.columns:
+            raise LedgerLayoutError(
+                f"{self.path} has the columns {','.join(header)} but the "
+                f"{self.name} ledger writes {','.join(self.columns)}; move the "
+                "file aside (or convert it) and start again"
+            )
 
     def read_all(self) -> Iterator[dict[str, str]]:
         if not self.path.exists():
@@ -157,16 +220,16 @@ class CsvLedger:
             yield from csv.DictReader(handle)
 
 
-def _encode(rows: list[dict[str, str]]) -> str:
+def _encode(rows: list[dict[str, str]], columns: tuple[str, ...]) -> str:
     buffer = io.StringIO()
-    plain = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
+    plain = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
     # The writer quotes only characters of its own line terminator, but every
     # reader ends a row at a bare carriage return too: such rows get quoted.
     quoted = csv.DictWriter(
-        buffer, fieldnames=COLUMNS, lineterminator="\n", quoting=csv.QUOTE_ALL
+        buffer, fieldnames=columns, lineterminator="\n", quoting=csv.QUOTE_ALL
     )
     for row in rows:
-        cells = {key: neutralise(row[key]) for key in COLUMNS}
+        cells = {key: neutralise(row[key]) for key in columns}
         risky = any("\r" in cell for cell in cells.values())
         (quoted if risky else plain).writerow(cells)
     return buffer.getvalue()

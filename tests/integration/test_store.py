@@ -13,7 +13,14 @@ from redis.crc import key_slot
 
 from parking.events import CameraEvent, EventKind
 from parking.plates import normalise_plate
-from parking.stays import Stay, Visit
+from parking.review import (
+    OrphanCause,
+    OrphanedVisit,
+    Review,
+    UnmatchedExit,
+    UnmatchedWhy,
+)
+from parking.stays import Match, Stay, Visit
 from parking.store import LedgerPolicy, Outcome, RedisVisitStore, Transition
 
 POLICY = LedgerPolicy(
@@ -28,25 +35,40 @@ T = datetime(2024, 9, 11, 21, 24, 56, 123456, tzinfo=UTC)
 US = timedelta(microseconds=1)
 
 
+LOTS = ("main", "north")
+
+
 @pytest.fixture
 def store(store_redis: redis.Redis) -> RedisVisitStore:
-    return RedisVisitStore(store_redis, POLICY, prefix="ptest")
+    return RedisVisitStore(store_redis, POLICY, prefix="ptest", lots=LOTS)
 
 
-def _event(kind: EventKind, event_id: str, at: datetime, plate: str) -> CameraEvent:
-    return CameraEvent(kind, event_id, plate, normalise_plate(plate), at)
+def _event(
+    kind: EventKind, event_id: str, at: datetime, plate: str, lot: str = "main"
+) -> CameraEvent:
+    return CameraEvent(kind, event_id, plate, normalise_plate(plate), at, lot)
 
 
-def _entry(event_id: str, at: datetime, plate: str = "AB-123") -> CameraEvent:
-    return _event(EventKind.ENTRY, event_id, at, plate)
+def _entry(
+    event_id: str, at: datetime, plate: str = "AB-123", lot: str = "main"
+) -> CameraEvent:
+    return _event(EventKind.ENTRY, event_id, at, plate, lot)
 
 
-def _exit(event_id: str, at: datetime, plate: str = "ab 123") -> CameraEvent:
-    return _event(EventKind.EXIT, event_id, at, plate)
+def _exit(
+    event_id: str, at: datetime, plate: str = "ab 123", lot: str = "main"
+) -> CameraEvent:
+    return _event(EventKind.EXIT, event_id, at, plate, lot)
 
 
 def _visit(event: CameraEvent) -> Visit:
-    return Visit(event.id, event.plate, event.at)
+    return Visit(event.id, event.plate, event.at, event.lot_id)
+
+
+def _unmatched(
+    event: CameraEvent, why: UnmatchedWhy = UnmatchedWhy.GRACE_EXPIRED
+) -> UnmatchedExit:
+    return UnmatchedExit(_visit(event), why)
 
 
 def test_an_entry_then_its_exit_match(store: RedisVisitStore) -> None:
@@ -105,7 +127,7 @@ def test_a_pending_exit_is_given_up_once_after_the_grace_period(
     again = store.take_expired_exits(due + timedelta(hours=1))
 
     assert too_early == []
-    assert expired == [_visit(exit_)]
+    assert expired == [_unmatched(exit_)]
     assert again == []
     assert store.counts() == {"open": 0, "pending": 0}
 
@@ -187,7 +209,7 @@ def test_a_second_read_of_a_pending_exit_within_the_window_is_one_event(
     twice = store.leave(_exit("x2", T + timedelta(seconds=2)), NOW)
 
     assert twice.outcome is Outcome.DUPLICATE_READ
-    assert store.take_expired_exits(NOW + POLICY.grace) == [_visit(_exit("x1", T))]
+    assert store.take_expired_exits(NOW + POLICY.grace) == [_unmatched(_exit("x1", T))]
 
 
 def test_a_second_read_of_a_matched_exit_within_the_window_is_one_event(
@@ -312,7 +334,7 @@ def test_visits_open_too_long_are_taken_once(store: RedisVisitStore) -> None:
     again = store.take_stale_visits(NOW)
 
     assert none == []
-    assert stale == [_visit(old)]
+    assert stale == [OrphanedVisit(_visit(old), OrphanCause.MAX_STAY)]
     assert again == []
     assert store.counts() == {"open": 1, "pending": 0}
     # The orphaned visit is gone: its late exit now waits for an entry.
@@ -352,6 +374,8 @@ def _busy_day(store: RedisVisitStore) -> None:
     store.enter(_entry("e7", T, plate="STAYS-1"), NOW)
     store.enter(_entry("e8", T, plate="GONE-1"), NOW)
     store.leave(_exit("x9", T, plate="GIVEN-UP"), NOW)
+    store.enter(_entry("e11", T, plate="SO-1"), NOW)
+    store.leave(_exit("x12", T + timedelta(hours=1), plate="S0-1"), NOW)
     store.take_expired_exits(NOW + POLICY.grace)
     store.take_stale_visits(NOW)
     store.enter(_entry("e10", T, plate="STILL-IN"), NOW + timedelta(seconds=1))
@@ -369,18 +393,25 @@ def test_every_key_but_open_visits_and_indexes_expires(
         kind = key.split(":")[2]
         kinds[kind] = kinds.get(kind, 0) + 1
         ttl = store_redis.ttl(key)
-        if kind in ("visit", "open", "pending"):
+        if kind in ("visit", "open", "pending", "similar", "outbox"):
             assert ttl == -1, key
         else:
             assert ttl > 0, f"{key} has no TTL"
 
     # Open visits and pending exits that the sweep has not taken are all
-    # that is left of them; everything else is bounded by its TTL.
+    # that is left of them, with their indexes; the review outbox empties
+    # as the API takes its records; everything else is bounded by its TTL.
     assert kinds.get("visit") == 1
     assert kinds.get("exit") == 1
     assert kinds.get("event", 0) >= 15
-    assert kinds.get("last") == 1
+    # The exact exit's plate, and the misread exit's plate and its visit's.
+    assert kinds.get("last") == 3
+    assert kinds.get("similar") == 1
+    [similar] = store_redis.scan_iter(match="*:similar:*")
+    assert store_redis.smembers(similar) == {b"STILLIN"}
     assert store.counts() == {"open": 1, "pending": 1}
+    store.reviewed(store.waiting_reviews())
+    assert list(store_redis.scan_iter(match="*:outbox")) == []
 
 
 def test_bookkeeping_keys_live_as_long_as_the_policy_says(
@@ -448,3 +479,226 @@ def test_a_matched_exit_is_remembered_while_a_second_read_may_lag(
     # The window is in event time; a second read stuck behind a backlog for
     # longer than the window must still be merged, not become a pending exit.
     assert store_redis.ttl(last) >= POLICY.grace.total_seconds()
+
+
+# -- misread plates ----------------------------------------------------------
+
+
+def test_a_misread_exit_completes_the_one_visit_a_misread_away(
+    store: RedisVisitStore, store_redis: redis.Redis
+) -> None:
+    entry = _entry("e1", T, plate="ABC-1234")
+    exit_ = _exit("x1", T + timedelta(hours=1), plate="A8C 1234")
+    store.enter(entry, NOW)
+
+    matched = store.leave(exit_, NOW)
+
+    assert matched == Transition(
+        Outcome.MATCHED, entry=_visit(entry), exit=_visit(exit_), match=Match.FUZZY
+    )
+    assert store.counts() == {"open": 0, "pending": 0}
+    assert list(store_redis.scan_iter(match="*:similar:*")) == []
+    # A redelivery still says how it matched.
+    again = store.leave(exit_, NOW)
+    assert again.first == matched
+
+
+@pytest.mark.parametrize(
+    ("second_read", "outcome"),
+    [
+        pytest.param("A8C1234", Outcome.DUPLICATE_READ, id="same-misread"),
+        pytest.param("ABC1234", Outcome.DUPLICATE_READ, id="read-right"),
+    ],
+)
+def test_a_second_read_of_a_misread_exit_is_one_event(
+    store: RedisVisitStore, second_read: str, outcome: Outcome
+) -> None:
+    store.enter(_entry("e1", T, plate="ABC1234"), NOW)
+    store.leave(_exit("x1", T + timedelta(hours=1), plate="A8C1234"), NOW)
+
+    again = store.leave(
+        _exit("x2", T + timedelta(hours=1, seconds=2), plate=second_read), NOW
+    )
+
+    assert again.outcome is outcome
+    assert store.counts() == {"open": 0, "pending": 0}
+
+
+def test_a_second_read_of_the_entry_after_a_fuzzy_match_opens_nothing(
+    store: RedisVisitStore,
+) -> None:
+    store.enter(_entry("e1", T, plate="ABC1234"), NOW)
+    store.leave(_exit("x1", T + timedelta(hours=1), plate="A8C1234"), NOW)
+
+    late_read = store.enter(_entry("e2", T + timedelta(seconds=1), "ABC1234"), NOW)
+
+    assert late_read.outcome is Outcome.DUPLICATE_READ
+    assert store.counts() == {"open": 0, "pending": 0}
+
+
+def test_several_visits_a_misread_away_leave_the_exit_unmatched(
+    store: RedisVisitStore,
+) -> None:
+    for n, plate in enumerate(("AB0123", "ABD123", "XB0123")):
+        store.enter(_entry(f"e{n}", T, plate=plate), NOW)
+    exit_ = _exit("x1", T + timedelta(hours=1), plate="ABO123")
+
+    pending = store.leave(exit_, NOW)
+
+    assert pending == Transition(Outcome.PENDING, exit=_visit(exit_), ambiguous=2)
+    assert store.counts() == {"open": 3, "pending": 1}
+    expired = store.take_expired_exits(NOW + POLICY.grace)
+    assert expired == [_unmatched(exit_, UnmatchedWhy.AMBIGUOUS)]
+
+
+@pytest.mark.parametrize(
+    ("max_positions", "outcome"),
+    [
+        pytest.param(1, Outcome.PENDING, id="one-allowed"),
+        pytest.param(2, Outcome.MATCHED, id="two-allowed"),
+        pytest.param(0, Outcome.PENDING, id="exact-only"),
+    ],
+)
+def test_the_number_of_misread_positions_is_bounded_by_the_policy(
+    store_redis: redis.Redis, max_positions: int, outcome: Outcome
+) -> None:
+    policy = LedgerPolicy(misread_max_positions=max_positions)
+    store = RedisVisitStore(store_redis, policy, prefix="ptest")
+    store.enter(_entry("e1", T, plate="SOB-100"), NOW)
+
+    exit_plate = "S0B-10O" if max_positions != 0 else "S0B-100"
+    left = store.leave(_exit("x1", T + timedelta(hours=1), plate=exit_plate), NOW)
+
+    assert left.outcome is outcome
+
+
+@pytest.mark.parametrize(
+    "exit_plate",
+    [
+        pytest.param("ABC1235", id="not-confusable"),
+        pytest.param("ABC12344", id="longer"),
+        pytest.param("ABC123", id="shorter"),
+    ],
+)
+def test_plates_that_are_no_misread_do_not_match(
+    store: RedisVisitStore, exit_plate: str
+) -> None:
+    store.enter(_entry("e1", T, plate="ABC1234"), NOW)
+
+    left = store.leave(_exit("x1", T + timedelta(hours=1), plate=exit_plate), NOW)
+
+    assert left.outcome is Outcome.PENDING
+    assert store.counts() == {"open": 1, "pending": 1}
+
+
+def test_a_misread_candidate_must_have_entered_before_the_exit(
+    store: RedisVisitStore,
+) -> None:
+    store.enter(_entry("e1", T + timedelta(hours=2), plate="ABC1234"), NOW)
+
+    left = store.leave(_exit("x1", T, plate="A8C1234"), NOW)
+
+    assert left.outcome is Outcome.PENDING
+    assert store.counts() == {"open": 1, "pending": 1}
+
+
+def test_an_open_visit_of_the_exact_plate_rules_out_a_misread(
+    store: RedisVisitStore,
+) -> None:
+    # The exit is long before the visit of its own plate: an earlier visit
+    # whose entry was never seen, not a misread of the look-alike's.
+    store.enter(_entry("e1", T, plate="ABC1234"), NOW)
+    store.enter(_entry("e2", T, plate="A8C1234"), NOW)
+
+    left = store.leave(_exit("x1", T - timedelta(hours=1), plate="A8C1234"), NOW)
+
+    assert left.outcome is Outcome.PENDING
+    assert store.counts() == {"open": 2, "pending": 1}
+
+
+def test_a_stale_visit_is_no_misread_candidate_any_more(
+    store: RedisVisitStore, store_redis: redis.Redis
+) -> None:
+    store.enter(_entry("e1", T, plate="ABC1234"), NOW)
+    store.take_stale_visits(NOW)
+
+    left = store.leave(_exit("x1", T + timedelta(hours=1), plate="A8C1234"), NOW)
+
+    assert left.outcome is Outcome.PENDING
+    assert list(store_redis.scan_iter(match="*:similar:*")) == []
+
+
+def test_plates_one_misread_apart_share_one_hash_tag(
+    store: RedisVisitStore, script_keys: list[list[str]]
+) -> None:
+    plates = ["OIL-1", "0IL-1", "DLI-1", "Q1L-I"]
+    for n, plate in enumerate(plates):
+        store.enter(_entry(f"e{n}", T, plate=plate), NOW)
+
+    tags = {_hash_tag(key) for keys in script_keys for key in keys}
+    assert len(tags) == 1
+
+
+# -- car parks ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "exit_plate",
+    [pytest.param("ABC1234", id="exact"), pytest.param("A8C1234", id="misread")],
+)
+def test_an_exit_matches_only_within_its_car_park(
+    store: RedisVisitStore, exit_plate: str
+) -> None:
+    store.enter(_entry("e1", T, plate="ABC1234", lot="north"), NOW)
+
+    left = store.leave(_exit("x1", T + timedelta(hours=1), exit_plate), NOW)
+
+    assert left.outcome is Outcome.PENDING
+    assert store.counts_by_lot() == {
+        "main": {"open": 0, "pending": 1},
+        "north": {"open": 1, "pending": 0},
+    }
+
+
+def test_visits_and_sweeps_carry_their_car_park(store: RedisVisitStore) -> None:
+    entry = _entry("e1", T, plate="N-1", lot="north")
+    exit_ = _exit("x1", T + timedelta(hours=1), plate="N-1", lot="north")
+    store.enter(entry, NOW)
+    matched = store.leave(exit_, NOW)
+    lost = _exit("x2", T, plate="N-2", lot="north")
+    store.leave(lost, NOW)
+    stale = _entry("e3", T, plate="N-3", lot="north")
+    store.enter(stale, NOW)
+
+    assert matched.entry is not None
+    assert matched.entry.lot_id == "north"
+    assert store.take_expired_exits(NOW + POLICY.grace) == [_unmatched(lost)]
+    assert store.take_stale_visits(NOW) == [
+        OrphanedVisit(_visit(stale), OrphanCause.MAX_STAY)
+    ]
+
+
+# -- the review outbox -------------------------------------------------------
+
+
+def test_what_a_sweep_takes_waits_in_the_outbox_until_reviewed(
+    store: RedisVisitStore,
+) -> None:
+    lost = _exit("x1", T, plate="LOST-1")
+    stale = _entry("e1", T, plate="OLD-1", lot="north")
+    store.leave(lost, NOW)
+    store.enter(stale, NOW)
+    expired = store.take_expired_exits(NOW + POLICY.grace)
+    orphaned = store.take_stale_visits(NOW)
+
+    waiting = store.waiting_reviews()
+    # Taking again finds nothing new: the records are out of the indexes.
+    assert store.take_expired_exits(NOW + POLICY.grace) == []
+    assert store.take_stale_visits(NOW) == []
+    taken: list[Review] = [*expired, *orphaned]
+    assert {item.key: item for item in waiting} == {item.key: item for item in taken}
+    assert len(waiting) == 2
+    store.reviewed(waiting[:1])
+    assert store.waiting_reviews() == waiting[1:]
+    store.reviewed(waiting)
+    assert store.waiting_reviews() == []

@@ -19,7 +19,7 @@ from fastapi import FastAPI
 from pydantic import SecretStr
 
 from parking.api.app import create_app
-from parking.api.ledger import CsvLedger
+from parking.api.ledger import CsvLedger, LedgerLayoutError
 from parking.settings import Settings
 
 pytestmark = pytest.mark.anyio
@@ -36,10 +36,14 @@ def anyio_backend() -> str:
 def _stay(stay_id: str = "stay-1", **fields: Any) -> dict[str, Any]:
     body: dict[str, Any] = {
         "stay_id": stay_id,
+        "lot_id": "main",
         "vehicle_plate": "ab-123",
         "entry_date_time": "2024-09-11T21:24:56.123456789Z",
         "exit_date_time": "2024-09-11T22:24:57+01:00",
         "duration_seconds": "0.876544",
+        "fee": "0.00",
+        "currency": "AUD",
+        "match": "exact",
         "clock_skew": False,
     }
     body.update(fields)
@@ -104,10 +108,14 @@ async def test_a_stay_is_written_once_and_a_repost_is_acknowledged(
     assert _records(settings.summary_csv) == [
         {
             "stay_id": "stay-1",
+            "lot_id": "main",
             "vehicle_plate": "ab-123",
             "entry_date_time": "2024-09-11T21:24:56.123456Z",
             "exit_date_time": "2024-09-11T21:24:57Z",
             "duration_seconds": "0.876544",
+            "fee": "0.00",
+            "currency": "AUD",
+            "match": "exact",
             "clock_skew": "false",
         }
     ]
@@ -191,6 +199,15 @@ async def test_a_clamped_stay_keeps_its_clock_skew_flag(
         pytest.param({"stay_id": "a b"}, "stay_id", id="stay-id-space"),
         pytest.param({"stay_id": "x" * 65}, "stay_id", id="stay-id-too-long"),
         pytest.param({"stay_id": "-1"}, "stay_id", id="stay-id-formula-lead"),
+        pytest.param({"fee": "-0.01"}, "fee", id="negative-fee"),
+        pytest.param({"fee": "1.005"}, "fee", id="fee-below-a-cent"),
+        pytest.param({"fee": "NaN"}, "fee", id="fee-not-a-number"),
+        pytest.param({"fee": None}, "fee", id="fee-missing"),
+        pytest.param({"currency": "aud"}, "currency", id="currency-lower-case"),
+        pytest.param({"currency": "AUDD"}, "currency", id="currency-too-long"),
+        pytest.param({"lot_id": "=cmd"}, "lot_id", id="lot-formula"),
+        pytest.param({"lot_id": "a:b"}, "lot_id", id="lot-colon"),
+        pytest.param({"match": "close"}, "match", id="match-unknown"),
     ],
 )
 async def test_invalid_summaries_are_refused_with_422(
@@ -274,7 +291,10 @@ async def test_health_reports_a_writable_ledger(client: httpx.AsyncClient) -> No
 
     response = await client.get("/healthz")
 
-    assert (response.status_code, response.json()) == (200, {"status": "ok", "rows": 1})
+    assert (response.status_code, response.json()) == (
+        200,
+        {"status": "ok", "rows": 1, "unmatched": 0, "orphans": 0},
+    )
 
 
 async def test_health_fails_when_the_writer_is_not_running(settings: Settings) -> None:
@@ -311,7 +331,7 @@ async def test_concurrent_posts_write_every_row_whole(
     assert statuses.count(200) == 20
     lines = settings.summary_csv.read_text(encoding="utf-8").splitlines()
     assert len(lines) == 201
-    assert all(line.count(",") == 5 for line in lines)
+    assert all(line.count(",") == 9 for line in lines)
     ids = [record["stay_id"] for record in _records(settings.summary_csv)]
     assert sorted(ids) == [f"s{n:03d}" for n in range(200)]
 
@@ -381,3 +401,148 @@ async def test_requests_are_timed_by_route(client: httpx.AsyncClient) -> None:
     assert timed % "2xx" in metrics
     assert timed % "4xx" in metrics
     assert "parking_api_rows_written_total 1.0" in metrics
+
+
+@pytest.mark.parametrize(
+    ("fee", "stored"),
+    [
+        pytest.param("6", "6.00", id="whole"),
+        pytest.param(6.5, "6.50", id="json-number"),
+        pytest.param("24.00", "24.00", id="cents"),
+        pytest.param("0", "0.00", id="free"),
+    ],
+)
+async def test_a_fee_is_written_in_cents(
+    client: httpx.AsyncClient, settings: Settings, fee: object, stored: str
+) -> None:
+    body = _stay(fee=fee, lot_id="north-2", match="fuzzy")
+
+    assert (await client.post("/summaries", json=body)).status_code == 201
+    [row] = _records(settings.summary_csv)
+    assert (row["fee"], row["lot_id"], row["match"]) == (stored, "north-2", "fuzzy")
+
+
+def _unmatched(event_id: str = "x1", **fields: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "event_id": event_id,
+        "lot_id": "main",
+        "vehicle_plate": "ab-123",
+        "exit_date_time": "2024-09-11T22:24:57+01:00",
+        "why": "grace_expired",
+    }
+    body.update(fields)
+    return body
+
+
+def _orphan(event_id: str = "e1", **fields: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "event_id": event_id,
+        "lot_id": "main",
+        "vehicle_plate": "ab-123",
+        "entry_date_time": "2024-09-11T21:00:00Z",
+        "cause": "reentry",
+    }
+    body.update(fields)
+    return body
+
+
+async def test_unmatched_exits_are_kept_once_per_event_and_listed_newest_first(
+    client: httpx.AsyncClient, settings: Settings
+) -> None:
+    posted = [
+        await client.post("/unmatched", json=_unmatched("x1")),
+        await client.post("/unmatched", json=_unmatched("x1", why="superseded")),
+        await client.post("/unmatched", json=_unmatched("=x2", why="ambiguous")),
+    ]
+    listed = (await client.get("/unmatched", params={"limit": 1})).json()
+
+    assert [r.status_code for r in posted] == [201, 200, 201]
+    assert posted[1].json() == {"event_id": "x1", "written": False}
+    assert listed["total"] == 2
+    assert listed["items"] == [
+        {
+            "event_id": "'=x2",
+            "lot_id": "main",
+            "vehicle_plate": "ab-123",
+            "exit_date_time": "2024-09-11T21:24:57Z",
+            "why": "ambiguous",
+        }
+    ]
+    written = settings.summary_csv.with_name("unmatched.csv")
+    assert [r["event_id"] for r in _records(written)] == ["x1", "'=x2"]
+    assert _records(settings.summary_csv) == []
+
+
+async def test_orphaned_visits_are_kept_once_per_event_and_listed(
+    client: httpx.AsyncClient, settings: Settings
+) -> None:
+    for n, cause in enumerate(("reentry", "late_entry", "max_stay")):
+        response = await client.post("/orphans", json=_orphan(f"e{n}", cause=cause))
+        assert response.status_code == 201
+    again = await client.post("/orphans", json=_orphan("e0"))
+
+    listed = (await client.get("/orphans")).json()
+
+    assert again.status_code == 200
+    assert listed["total"] == 3
+    assert [(i["event_id"], i["cause"]) for i in listed["items"]] == [
+        ("e2", "max_stay"),
+        ("e1", "late_entry"),
+        ("e0", "reentry"),
+    ]
+    assert listed["items"][0]["entry_date_time"] == "2024-09-11T21:00:00Z"
+    health = (await client.get("/healthz")).json()
+    assert (health["orphans"], health["unmatched"], health["rows"]) == (3, 0, 0)
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "named"),
+    [
+        pytest.param("/unmatched", _unmatched(why="lost"), "why", id="unknown-why"),
+        pytest.param("/orphans", _orphan(cause="gone"), "cause", id="unknown-cause"),
+        pytest.param("/orphans", _orphan(event_id=" "), "event_id", id="blank-id"),
+        pytest.param(
+            "/unmatched", _unmatched(event_id="x" * 129), "event_id", id="long-id"
+        ),
+        pytest.param(
+            "/unmatched",
+            _unmatched(exit_date_time="2024-09-11T21:00:00"),
+            "exit_date_time has no UTC offset",
+            id="naive-time",
+        ),
+        pytest.param(
+            "/orphans", _orphan(vehicle_plate="=1+1"), "vehicle_plate", id="formula"
+        ),
+        pytest.param("/orphans", _orphan(lot_id=""), "lot_id", id="empty-lot"),
+    ],
+)
+async def test_invalid_review_records_are_refused(
+    client: httpx.AsyncClient, path: str, body: dict[str, Any], named: str
+) -> None:
+    response = await client.post(path, json=body)
+
+    assert response.status_code == 422
+    assert named in response.text
+    assert (await client.get(path)).json()["total"] == 0
+
+
+@pytest.mark.parametrize("path", ["/unmatched", "/orphans"])
+async def test_review_posts_need_the_token_like_stays(
+    secured: httpx.AsyncClient, path: str
+) -> None:
+    body = _unmatched() if path == "/unmatched" else _orphan()
+
+    refused = await secured.post(path, json=body)
+    accepted = await secured.post(path, json=body, headers=BEARER)
+
+    assert (refused.status_code, accepted.status_code) == (401, 201)
+
+
+async def test_an_api_whose_csv_has_another_layout_refuses_to_start(
+    settings: Settings,
+) -> None:
+    settings.summary_csv.write_text("stay_id,vehicle_plate\ns1,AB-1\n")
+
+    with pytest.raises(LedgerLayoutError, match=r"stays\.csv has the columns"):
+        async with serving(_app(settings)):
+            pass

@@ -350,5 +350,39 @@ def test_to_wire_is_accepted_by_parse_event() -> None:
         "id": "e-1",
         "vehicle_plate": "AB-123",
         "entry_date_time": "2024-09-11T21:24:56.500000Z",
+        "lot_id": "main",
     }
     assert parse_event(wire, EventKind.ENTRY) == event
+
+
+@pytest.mark.parametrize(
+    ("payload", "default", "lot"),
+    [
+        pytest.param({}, "main", "main", id="absent-default"),
+        pytest.param({"lot_id": None}, "north", "north", id="null-configured-default"),
+        pytest.param({"lot_id": "airport"}, "main", "airport", id="given"),
+    ],
+)
+def test_the_lot_is_optional_and_defaults_to_the_given_one(
+    payload: dict[str, Any], default: str, lot: str
+) -> None:
+    event = parse_event({**_entry(), **payload}, EventKind.ENTRY, default_lot=default)
+
+    assert event.lot_id == lot
+
+
+@pytest.mark.parametrize(
+    "lot",
+    [
+        pytest.param("", id="empty"),
+        pytest.param("  ", id="blank"),
+        pytest.param(12, id="number"),
+        pytest.param("a\nb", id="not-printable"),
+        pytest.param("L" * 129, id="too-long"),
+    ],
+)
+def test_a_malformed_lot_is_bad_lot(lot: object) -> None:
+    with pytest.raises(InvalidEvent) as caught:
+        parse_event({**_entry(), "lot_id": lot}, EventKind.ENTRY)
+
+    assert caught.value.reason == "bad_lot"

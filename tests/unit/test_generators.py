@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry
 from parking.events import EventKind, parse_event
 from parking.generators import INSIDE_KEY, EventGenerator, random_plate
 from parking.metrics import ParkingMetrics
+from parking.misreads import misread_distance
 
 NOW = datetime(2024, 9, 11, 21, 24, 56, 123456, tzinfo=UTC)
 
@@ -61,7 +62,12 @@ class Rig:
     published: list[tuple[EventKind, dict[str, str]]]
 
     def generator(
-        self, match_ratio: float = 0.8, capacity: int = 5000, seed: int = 7
+        self,
+        match_ratio: float = 0.8,
+        capacity: int = 5000,
+        seed: int = 7,
+        misread_ratio: float = 0.0,
+        lot: str = "main",
     ) -> EventGenerator:
         return EventGenerator(
             cast(redis.Redis, self.sets),
@@ -71,6 +77,8 @@ class Rig:
             match_ratio=match_ratio,
             capacity=capacity,
             rng=random.Random(seed),
+            misread_ratio=misread_ratio,
+            lot=lot,
         )
 
     def plates(self, kind: EventKind) -> list[str]:
@@ -184,7 +192,8 @@ def test_generated_events_are_valid_wire_events(rig: Rig) -> None:
         event = parse_event(wire, kind)
         assert event.at == NOW
         assert event.plate == wire["vehicle_plate"]
-        assert set(wire) == {"id", "vehicle_plate", kind.time_field}
+        assert set(wire) == {"id", "vehicle_plate", kind.time_field, "lot_id"}
+        assert event.lot_id == "main"
         ids.add(event.id)
     assert len(ids) == len(rig.published) == 80
     assert len(rig.plates(EventKind.EXIT)) == 40
@@ -196,3 +205,39 @@ def test_random_plates_are_repeatable_for_a_seed() -> None:
 
     assert first == again
     assert all(len(plate) == 7 and plate[:3].isalpha() for plate in first)
+
+
+def test_a_share_of_cars_inside_leave_under_a_misread_plate(rig: Rig) -> None:
+    generator = rig.generator(match_ratio=1.0, misread_ratio=0.1)
+    generator.entries(2000)
+    entered = set(rig.plates(EventKind.ENTRY))
+
+    generator.exits(2000)
+
+    exits = rig.plates(EventKind.EXIT)
+    misread = [plate for plate in exits if plate not in entered]
+    # Every misread is one confusable character away from a car inside.
+    assert all(
+        any(misread_distance(plate, car) == 1 for car in entered) for plate in misread
+    )
+    assert 0.08 <= len(misread) / len(exits) <= 0.12
+    assert rig.generated("exit_misread") == len(misread)
+
+
+def test_without_a_misread_ratio_every_car_leaves_under_its_plate(rig: Rig) -> None:
+    generator = rig.generator(match_ratio=1.0)
+    generator.entries(500)
+
+    generator.exits(500)
+
+    assert set(rig.plates(EventKind.EXIT)) == set(rig.plates(EventKind.ENTRY))
+    assert rig.generated("exit_misread") == 0
+
+
+def test_events_are_generated_for_the_configured_lot(rig: Rig) -> None:
+    generator = rig.generator(lot="north")
+
+    generator.entries(3)
+    generator.exits(3)
+
+    assert {event["lot_id"] for _, event in rig.published} == {"north"}

@@ -6,6 +6,7 @@ import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
 import pytest
@@ -19,9 +20,17 @@ from parking.handlers import (
     MessageHandler,
     report_unmatched,
 )
+from parking.lots import Lot, Lots
 from parking.metrics import ParkingMetrics
-from parking.stays import Stay, Visit
+from parking.review import (
+    OrphanCause,
+    OrphanedVisit,
+    UnmatchedExit,
+    UnmatchedWhy,
+)
+from parking.stays import Match, Stay, Visit
 from parking.store import Outcome, Transition
+from parking.tariff import Tariff
 
 NOW = datetime(2024, 9, 11, 22, 0, 0, tzinfo=UTC)
 ENTERED = datetime(2024, 9, 11, 21, 0, 0, tzinfo=UTC)
@@ -30,6 +39,15 @@ EXITED = datetime(2024, 9, 11, 21, 30, 0, tzinfo=UTC)
 ENTRY = Visit("e1", "ab-123", ENTERED)
 EXIT = Visit("x1", "AB 123", EXITED)
 MATCHED = Transition(Outcome.MATCHED, entry=ENTRY, exit=EXIT)
+TARIFF = Tariff()
+NORTH = Tariff(
+    free=timedelta(0),
+    period=timedelta(minutes=20),
+    price_per_period=Decimal("1.10"),
+    daily_cap=Decimal("9.00"),
+    currency="NZD",
+)
+LOTS = Lots([Lot("main", 500, TARIFF), Lot("north", 20, NORTH)])
 
 
 class FixedClock:
@@ -65,11 +83,24 @@ class ScriptedStore:
 class FakeSink:
     failures: list[Exception] = field(default_factory=list)
     recorded: list[Stay] = field(default_factory=list)
+    unmatched: list[UnmatchedExit] = field(default_factory=list)
+    orphans: list[OrphanedVisit] = field(default_factory=list)
 
     def record(self, stay: Stay) -> None:
+        self._fail()
+        self.recorded.append(stay)
+
+    def record_unmatched(self, item: UnmatchedExit) -> None:
+        self._fail()
+        self.unmatched.append(item)
+
+    def record_orphan(self, item: OrphanedVisit) -> None:
+        self._fail()
+        self.orphans.append(item)
+
+    def _fail(self) -> None:
         if self.failures:
             raise self.failures.pop(0)
-        self.recorded.append(stay)
 
 
 @dataclass
@@ -82,7 +113,7 @@ class Rig:
 
     def handler(self, kind: EventKind) -> MessageHandler:
         cls = EntryEventProcessor if kind is EventKind.ENTRY else ExitEventProcessor
-        return cls(self.store, self.sink, self.clock, self.metrics)
+        return cls(self.store, self.sink, self.clock, self.metrics, LOTS)
 
     def sample(self, name: str, **labels: str) -> float:
         return self.registry.get_sample_value(name, labels) or 0.0
@@ -163,7 +194,7 @@ def test_a_match_records_one_stay(
 
     rig.handler(kind).process_message(message)
 
-    assert rig.sink.recorded == [Stay.between(ENTRY, EXIT)]
+    assert rig.sink.recorded == [Stay.between(ENTRY, EXIT, TARIFF)]
     assert rig.sample("parking_stays_total") == 1
     assert rig.sample("parking_events_total", kind=kind.value, outcome="matched") == 1
 
@@ -195,7 +226,7 @@ def test_a_stay_whose_first_post_failed_is_counted_once_when_redelivered(
         handler.process_message(_exit())
     handler.process_message(_exit())
 
-    assert rig.sink.recorded == [Stay.between(ENTRY, EXIT)]
+    assert rig.sink.recorded == [Stay.between(ENTRY, EXIT, TARIFF)]
     assert rig.sample("parking_stays_total") == 1
 
 
@@ -205,21 +236,76 @@ def test_a_stay_whose_first_post_failed_is_counted_once_when_redelivered(
         pytest.param(Transition(Outcome.OPENED), id="opened"),
         pytest.param(Transition(Outcome.PENDING), id="pending"),
         pytest.param(Transition(Outcome.DUPLICATE_READ), id="duplicate-read"),
-        pytest.param(Transition(Outcome.OPENED, orphan=ENTRY), id="reentry"),
-        pytest.param(Transition(Outcome.PENDING, superseded=EXIT), id="superseded"),
+        pytest.param(Transition(Outcome.PENDING, ambiguous=2), id="ambiguous"),
     ],
 )
-def test_a_redelivery_of_anything_but_a_match_does_nothing_again(
+def test_a_redelivery_of_what_posts_nothing_does_nothing_again(
     rig: Rig, first: Transition
 ) -> None:
     rig.store.script = [Transition(Outcome.DUPLICATE, first=first)]
 
     rig.handler(EventKind.EXIT).process_message(_exit())
 
-    assert rig.sink.recorded == []
+    assert (rig.sink.recorded, rig.sink.unmatched, rig.sink.orphans) == ([], [], [])
     assert rig.sample("parking_stays_total") == 0
     assert rig.sample("parking_exits_unmatched_total") == 0
+    assert rig.sample("parking_misread_exits_total", result="ambiguous") == 0
+
+
+@pytest.mark.parametrize(
+    ("first", "unmatched", "orphans"),
+    [
+        pytest.param(
+            Transition(Outcome.OPENED, orphan=ENTRY),
+            [],
+            [OrphanedVisit(ENTRY, OrphanCause.REENTRY)],
+            id="reentry",
+        ),
+        pytest.param(
+            Transition(Outcome.ORPHANED, orphan=ENTRY),
+            [],
+            [OrphanedVisit(ENTRY, OrphanCause.LATE_ENTRY)],
+            id="late-entry",
+        ),
+        pytest.param(
+            Transition(Outcome.PENDING, superseded=EXIT),
+            [UnmatchedExit(EXIT, UnmatchedWhy.SUPERSEDED)],
+            [],
+            id="superseded",
+        ),
+    ],
+)
+def test_a_redelivery_posts_the_review_records_again_but_counts_nothing(
+    rig: Rig,
+    first: Transition,
+    unmatched: list[UnmatchedExit],
+    orphans: list[OrphanedVisit],
+) -> None:
+    rig.store.script = [Transition(Outcome.DUPLICATE, first=first)]
+
+    rig.handler(EventKind.ENTRY).process_message(_entry())
+
+    assert rig.sink.unmatched == unmatched
+    assert rig.sink.orphans == orphans
+    assert rig.sample("parking_exits_unmatched_total") == 0
     assert rig.sample("parking_visits_orphaned_total", cause="reentry") == 0
+    assert rig.sample("parking_visits_orphaned_total", cause="late_entry") == 0
+
+
+def test_a_review_post_that_failed_is_counted_once_and_posted_on_redelivery(
+    rig: Rig,
+) -> None:
+    first = Transition(Outcome.OPENED, orphan=ENTRY)
+    rig.store.script = [first, Transition(Outcome.DUPLICATE, first=first)]
+    rig.sink.failures = [SummaryUnavailable("api down")]
+    handler = rig.handler(EventKind.ENTRY)
+
+    with pytest.raises(SummaryUnavailable):
+        handler.process_message(_entry("e2"))
+    handler.process_message(_entry("e2"))
+
+    assert rig.sink.orphans == [OrphanedVisit(ENTRY, OrphanCause.REENTRY)]
+    assert rig.sample("parking_visits_orphaned_total", cause="reentry") == 1
 
 
 @pytest.mark.parametrize(
@@ -263,6 +349,7 @@ def test_a_reentry_counts_the_old_visit_as_orphaned_at_info(
     rig.handler(EventKind.ENTRY).process_message(_entry("e2"))
 
     assert rig.sample("parking_visits_orphaned_total", cause="reentry") == 1
+    assert rig.sink.orphans == [OrphanedVisit(ENTRY, OrphanCause.REENTRY)]
     assert _messages(info_logs, logging.INFO) == [
         "visit orphaned cause=reentry plate=ab-123 event=e1"
     ]
@@ -278,6 +365,7 @@ def test_a_late_earlier_entry_is_orphaned_at_info(
 
     assert rig.sample("parking_visits_orphaned_total", cause="late_entry") == 1
     assert rig.sink.recorded == []
+    assert rig.sink.orphans == [OrphanedVisit(late, OrphanCause.LATE_ENTRY)]
     assert _messages(info_logs, logging.INFO) == [
         "visit orphaned cause=late_entry plate=ab-123 event=e0"
     ]
@@ -291,6 +379,7 @@ def test_a_superseded_pending_exit_is_unmatched_at_info(
     rig.handler(EventKind.EXIT).process_message(_exit("x2"))
 
     assert rig.sample("parking_exits_unmatched_total") == 1
+    assert rig.sink.unmatched == [UnmatchedExit(EXIT, UnmatchedWhy.SUPERSEDED)]
     assert _messages(info_logs, logging.INFO) == [
         "exit unmatched plate=AB 123 event=x1 why=superseded"
     ]
@@ -299,7 +388,7 @@ def test_a_superseded_pending_exit_is_unmatched_at_info(
 def test_an_unmatched_exit_after_grace_is_info_and_counted(
     rig: Rig, info_logs: pytest.LogCaptureFixture
 ) -> None:
-    report_unmatched(EXIT, rig.metrics, "grace_expired")
+    report_unmatched(UnmatchedExit(EXIT, UnmatchedWhy.GRACE_EXPIRED), rig.metrics)
 
     assert rig.sample("parking_exits_unmatched_total") == 1
     [record] = info_logs.records
@@ -358,3 +447,80 @@ def test_a_store_outage_propagates_and_counts_nothing(rig: Rig) -> None:
     assert (
         rig.sample("parking_events_rejected_total", kind="exit", reason="bad_json") == 0
     )
+
+
+def test_a_stay_carries_the_fee_of_its_car_parks_tariff(rig: Rig) -> None:
+    entry = Visit("e1", "ab-123", ENTERED, lot_id="north")
+    exit_ = Visit("x1", "AB 123", ENTERED + timedelta(minutes=41), lot_id="north")
+    rig.store.script = [Transition(Outcome.MATCHED, entry=entry, exit=exit_)]
+
+    rig.handler(EventKind.EXIT).process_message({**_exit(), "lot_id": "north"})
+
+    [stay] = rig.sink.recorded
+    # Three started 20-minute periods at 1.10, no free time.
+    assert (stay.fee, stay.currency, stay.lot_id) == (Decimal("3.30"), "NZD", "north")
+    [(_, event, _)] = rig.store.calls
+    assert event.lot_id == "north"
+
+
+def test_an_event_without_a_lot_belongs_to_the_default_one(rig: Rig) -> None:
+    rig.store.script = [Transition(Outcome.OPENED)]
+
+    rig.handler(EventKind.ENTRY).process_message(_entry())
+
+    [(_, event, _)] = rig.store.calls
+    assert event.lot_id == "main"
+
+
+@pytest.mark.parametrize(
+    ("lot", "reason"),
+    [
+        pytest.param("south", "unknown_lot", id="not-configured"),
+        pytest.param("", "bad_lot", id="empty"),
+        pytest.param(7, "bad_lot", id="number"),
+        pytest.param("x" * 129, "bad_lot", id="too-long"),
+    ],
+)
+def test_an_event_of_a_car_park_not_configured_is_refused(
+    rig: Rig, lot: object, reason: str
+) -> None:
+    with pytest.raises(InvalidEvent) as caught:
+        rig.handler(EventKind.ENTRY).process_message({**_entry(), "lot_id": lot})
+
+    assert caught.value.reason == reason
+    assert rig.store.calls == []
+    assert rig.sample("parking_events_rejected_total", kind="entry", reason=reason) == 1
+
+
+def test_a_fuzzy_match_records_the_stay_flagged_and_counts_it_at_info(
+    rig: Rig, info_logs: pytest.LogCaptureFixture
+) -> None:
+    misread = Visit("x1", "A8-123", EXITED)
+    rig.store.script = [
+        Transition(Outcome.MATCHED, entry=ENTRY, exit=misread, match=Match.FUZZY)
+    ]
+
+    rig.handler(EventKind.EXIT).process_message({**_exit(), "vehicle_plate": "A8-123"})
+
+    [stay] = rig.sink.recorded
+    assert (stay.plate, stay.match) == ("ab-123", Match.FUZZY)
+    assert rig.sample("parking_misread_exits_total", result="fuzzy") == 1
+    assert rig.sample("parking_stays_total") == 1
+    [message] = _messages(info_logs, logging.INFO)
+    assert message.startswith(
+        "exit matched a misread plate read=A8-123 entry_plate=ab-123"
+    )
+
+
+def test_an_ambiguous_misread_waits_as_pending_and_is_counted(
+    rig: Rig, info_logs: pytest.LogCaptureFixture
+) -> None:
+    rig.store.script = [Transition(Outcome.PENDING, exit=EXIT, ambiguous=2)]
+
+    rig.handler(EventKind.EXIT).process_message(_exit())
+
+    assert rig.sink.recorded == []
+    assert rig.sample("parking_misread_exits_total", result="ambiguous") == 1
+    assert _messages(info_logs, logging.INFO) == [
+        "exit misread ambiguous plate=AB 123 event=x1 candidates=2"
+    ]

@@ -10,7 +10,13 @@ from typing import TypeVar
 
 import pytest
 
-from parking.api.ledger import COLUMNS, CsvLedger, neutralise
+from parking.api.ledger import (
+    COLUMNS,
+    UNMATCHED_COLUMNS,
+    CsvLedger,
+    LedgerLayoutError,
+    neutralise,
+)
 
 T = TypeVar("T")
 HEADER = ",".join(COLUMNS)
@@ -19,10 +25,14 @@ HEADER = ",".join(COLUMNS)
 def _row(stay_id: str, plate: str = "AB-123") -> dict[str, str]:
     return {
         "stay_id": stay_id,
+        "lot_id": "main",
         "vehicle_plate": plate,
         "entry_date_time": "2024-09-11T21:00:00Z",
         "exit_date_time": "2024-09-11T21:30:00.5Z",
         "duration_seconds": "1800.5",
+        "fee": "6.00",
+        "currency": "AUD",
+        "match": "exact",
         "clock_skew": "false",
     }
 
@@ -63,7 +73,8 @@ def test_a_new_file_gets_one_header_and_the_row(path: Path) -> None:
     assert written is True
     assert _lines(path) == [
         HEADER,
-        "s1,AB-123,2024-09-11T21:00:00Z,2024-09-11T21:30:00.5Z,1800.5,false",
+        "s1,main,AB-123,2024-09-11T21:00:00Z,2024-09-11T21:30:00.5Z,1800.5,"
+        "6.00,AUD,exact,false",
     ]
 
 
@@ -163,7 +174,7 @@ def test_non_ascii_plates_round_trip_as_utf8(path: Path, plate: str) -> None:
 def test_a_torn_last_line_is_dropped_on_recovery(path: Path) -> None:
     _with_ledger(path, lambda ledger: ledger.append(_row("s1")))
     with open(path, "a", encoding="utf-8") as handle:
-        handle.write("s2,AB-9,2024-09-11T21:00:00Z,2024-09")
+        handle.write("s2,main,AB-9,2024-09-11T21:00:00Z,2024-09")
 
     async def recover(ledger: CsvLedger) -> tuple[int, bool]:
         return ledger.rows, await ledger.append(_row("s2"))
@@ -226,3 +237,69 @@ def test_cells_that_would_split_a_row_are_quoted(path: Path, cell: str) -> None:
         ("s2", "AB-123"),
     ]
     assert _with_ledger(path, lambda ledger: asyncio.sleep(0, ledger.rows)) == 2
+
+
+def test_a_file_of_another_layout_is_refused_by_name(path: Path) -> None:
+    path.parent.mkdir(parents=True)
+    old = "stay_id,vehicle_plate,entry_date_time,exit_date_time,duration_seconds\n"
+    path.write_text(old + "s0,AB-1,2024-01-01T00:00:00Z,2024-01-01T01:00:00Z,3600\n")
+
+    with pytest.raises(LedgerLayoutError) as refused:
+        _with_ledger(path, lambda ledger: ledger.append(_row("s1")))
+
+    assert str(path) in str(refused.value)
+    assert "stay_id,vehicle_plate,entry_date_time" in str(refused.value)
+    # Nothing was appended under the old header.
+    assert path.read_text(encoding="utf-8").count("\n") == 2
+
+
+def _unmatched(event_id: str, plate: str = "AB-123") -> dict[str, str]:
+    return {
+        "event_id": event_id,
+        "lot_id": "main",
+        "vehicle_plate": plate,
+        "exit_date_time": "2024-09-11T21:30:00Z",
+        "why": "grace_expired",
+    }
+
+
+def _review_ledger(path: Path) -> Callable[[], CsvLedger]:
+    return lambda: CsvLedger(
+        path, fsync=False, columns=UNMATCHED_COLUMNS, key="event_id", name="unmatched"
+    )
+
+
+def test_a_review_ledger_writes_its_own_columns_once_per_event_id(
+    path: Path,
+) -> None:
+    make = _review_ledger(path.with_name("unmatched.csv"))
+
+    async def run(work: Callable[[CsvLedger], Awaitable[T]]) -> T:
+        ledger = make()
+        await ledger.start()
+        try:
+            return await work(ledger)
+        finally:
+            await ledger.stop()
+
+    async def first(ledger: CsvLedger) -> list[bool]:
+        # An event id is any printable text: this one starts like a formula.
+        return [
+            await ledger.append(_unmatched("-x1")),
+            await ledger.append(_unmatched("-x1", plate="OTHER")),
+            await ledger.append(_unmatched("x2")),
+        ]
+
+    async def restarted(ledger: CsvLedger) -> list[bool]:
+        return [await ledger.append(_unmatched("-x1")), ledger.rows == 2]
+
+    assert asyncio.run(run(first)) == [True, False, True]
+    assert asyncio.run(run(restarted)) == [False, True]
+    written = path.with_name("unmatched.csv")
+    assert _lines(written)[0] == ",".join(UNMATCHED_COLUMNS)
+    assert [r["event_id"] for r in _records(written)] == ["'-x1", "x2"]
+
+
+def test_a_ledger_key_must_be_one_of_its_columns(path: Path) -> None:
+    with pytest.raises(ValueError, match="key column"):
+        CsvLedger(path, columns=UNMATCHED_COLUMNS, key="stay_id")

@@ -9,7 +9,8 @@ from decimal import Decimal
 import pytest
 
 from parking.events import EventKind, parse_event
-from parking.stays import Stay, Visit, format_seconds
+from parking.stays import Match, Stay, Visit, format_seconds
+from parking.tariff import Tariff
 
 ENTERED = datetime(2024, 9, 11, 21, 24, 56, 123456, tzinfo=UTC)
 
@@ -110,10 +111,14 @@ def test_the_summary_json_is_exact_and_valid_wire_times() -> None:
 
     assert body == {
         "stay_id": stay.stay_id,
+        "lot_id": "main",
         "vehicle_plate": "ab-123",
         "entry_date_time": "2024-09-11T21:24:56.123456Z",
         "exit_date_time": "2024-09-11T21:24:57Z",
         "duration_seconds": "0.876544",
+        "fee": "0.00",
+        "currency": "AUD",
+        "match": "exact",
         "clock_skew": False,
     }
     entry = {
@@ -122,6 +127,50 @@ def test_the_summary_json_is_exact_and_valid_wire_times() -> None:
         "entry_date_time": body["entry_date_time"],
     }
     assert parse_event(entry, EventKind.ENTRY).at == ENTERED
+
+
+AIRPORT = Tariff(
+    free=timedelta(minutes=10),
+    period=timedelta(minutes=30),
+    price_per_period=Decimal("2.50"),
+    daily_cap=Decimal("40.00"),
+    currency="EUR",
+)
+
+
+def test_a_stay_is_priced_by_its_car_parks_tariff() -> None:
+    entry = Visit("e1", "ab-123", ENTERED, lot_id="airport")
+    exit_ = Visit("x1", "AB 123", ENTERED + timedelta(minutes=61))
+
+    stay = Stay.between(entry, exit_, AIRPORT)
+
+    assert (stay.fee, stay.currency, stay.lot_id) == (Decimal("7.50"), "EUR", "airport")
+    assert stay.to_json()["fee"] == "7.50"
+    assert stay.to_json()["lot_id"] == "airport"
+
+
+def test_a_clamped_stay_costs_what_a_zero_length_stay_costs() -> None:
+    no_free_time = Tariff(free=timedelta(0), price_per_period=Decimal("3.00"))
+
+    stay = Stay.between(
+        _visit("e1", ENTERED),
+        _visit("x1", ENTERED - timedelta(seconds=30)),
+        no_free_time,
+    )
+
+    assert stay.clock_skew is True
+    assert stay.fee == Decimal("0.00")
+
+
+def test_a_fuzzy_match_is_flagged_and_keeps_the_entry_plate() -> None:
+    stay = Stay.between(
+        _visit("e1", ENTERED, plate="ABC1234"),
+        _visit("x1", ENTERED + timedelta(hours=1), plate="A8C1234"),
+        match=Match.FUZZY,
+    )
+
+    assert stay.plate == "ABC1234"
+    assert stay.to_json()["match"] == "fuzzy"
 
 
 def test_a_stay_across_a_daylight_saving_change_counts_true_elapsed_time() -> None:
