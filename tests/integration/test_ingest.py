@@ -49,7 +49,17 @@ def _rows(server: ApiServer) -> list[dict[str, str]]:
 
 
 def _stays(rows: list[dict[str, str]]) -> set[tuple[str, ...]]:
-    columns = ("vehicle_plate", "entry_date_time", "exit_date_time", "duration_seconds")
+    columns = (
+        "vehicle_plate",
+        "entry_date_time",
+        "exit_date_time",
+        "duration_seconds",
+        "lot_id",
+        "fee",
+        "currency",
+        "match",
+        "clock_skew",
+    )
     return {tuple(row[c] for c in columns) for row in rows}
 
 
@@ -121,6 +131,11 @@ def test_plain_json_gives_the_same_stays_as_the_celery_path(
         "2019-04-06T15:00:09Z",
         "2019-04-06T18:52:07Z",
         "13918",
+        "main",
+        "12.00",
+        "AUD",
+        "exact",
+        "false",
     ) in via_celery
 
 
