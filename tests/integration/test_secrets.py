@@ -233,6 +233,9 @@ def _stay() -> dict[str, str]:
         "entry_date_time": "2024-09-11T21:00:00Z",
         "exit_date_time": "2024-09-11T22:00:00Z",
         "duration_seconds": "3600",
+        "lot_id": "main",
+        "fee": "3.00",
+        "currency": "AUD",
     }
 
 
