@@ -32,11 +32,6 @@ class Lots:
             raise ValueError(f"default lot {default!r} is not configured")
         self.default = default
 
-    @classmethod
-    def single(cls, tariff: Tariff | None = None, capacity: int = 1000) -> Lots:
-        """One car park under the default name (tests, small set-ups)."""
-        return cls([Lot(DEFAULT_LOT, capacity, tariff or Tariff())])
-
     @property
     def names(self) -> tuple[str, ...]:
         return tuple(self._lots)
