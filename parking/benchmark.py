@@ -11,6 +11,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import sys
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -68,6 +69,7 @@ class BenchOptions:
     sample_every: float = 30.0
     event_ttl: int | None = None
     keep: bool = False
+    profile: Path | None = None
     work_dir: Path = Path()
 
 
@@ -162,9 +164,17 @@ def _claim_database(options: BenchOptions) -> redis.Redis:
 @click.option("--sample-every", default=30.0, help="Soak: seconds between samples.")
 @click.option("--event-ttl", type=int, default=None, help="Workers' event-id TTL.")
 @click.option("--keep", is_flag=True, help="Keep the work directory and the data.")
+@click.option(
+    "--profile",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Record py-spy profiles of the workers and the API during the pipeline.",
+)
 def bench(**params: Any) -> None:
     """Measure the pipeline beside a no-op Celery baseline, or soak it."""
     options = _options(params)
+    # SIGTERM unwinds like Ctrl-C: the services stop and the database is emptied.
+    signal.signal(signal.SIGTERM, _terminated)
     _isolate(options)
     client = _claim_database(options)
     work_dir = Path(tempfile.mkdtemp(prefix="parking-bench-"))
@@ -186,6 +196,10 @@ def bench(**params: Any) -> None:
     sys.exit(1 if failed else 0)
 
 
+def _terminated(signum: int, _: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def _run(options: BenchOptions) -> dict[str, Any]:
     # Imported here: the Celery configuration reads the environment set above.
     from workers.bench_run import Bench
@@ -196,10 +210,9 @@ def _run(options: BenchOptions) -> dict[str, Any]:
         "machine": measure.machine() | {"versions": _versions(broker_version())},
         "options": _public(options),
     }
-    with (
-        Progress(console=console, transient=False) as progress,
-        Bench(options, progress) as bench,
-    ):
+    progress = Progress(console=console)
+    # The services start (Bench) before the progress bar's refresh thread.
+    with Bench(options, progress) as bench, progress:
         if options.soak:
             report["soak"] = Soak(bench).run()
         else:
@@ -220,6 +233,7 @@ def _public(options: BenchOptions) -> dict[str, Any]:
     public = asdict(options)
     public.pop("work_dir")
     public["csv"] = str(options.csv) if options.csv else None
+    public["profile"] = str(options.profile) if options.profile else None
     return public
 
 
@@ -344,10 +358,22 @@ def render_run(report: dict[str, Any]) -> None:
         table.add_row(
             f"{kind} processing p50/p95/p99", spread + " ms", goal(f"{kind}_p99_ms")
         )
+    post = (pipeline["processing"] or {}).get("summary_post") or {}
+    table.add_row(
+        "  of which summary POST p50/p95/p99",
+        " / ".join(_num(post.get(f"p{p}_ms")) for p in (50, 95, 99)) + " ms", "",
+    )  # fmt: skip
     e2e = pipeline["end_to_end_ms"]
     table.add_row(
         "end-to-end p50/p99 (event time to CSV row)",
         f"{_num(e2e['p50'])} / {_num(e2e['p99'])} ms", "",
+    )  # fmt: skip
+    cpu = pipeline.get("cpu_ms_per_event") or {}
+    noop_cpu = baseline.get("cpu_ms_per_task") or {}
+    table.add_row(
+        "CPU ms per event: worker / API / publisher",
+        " / ".join(_num(cpu.get(k)) for k in ("worker", "api", "bench")),
+        "no-op: " + " / ".join(_num(noop_cpu.get(k)) for k in ("worker", "api", "bench")),
     )  # fmt: skip
     memory = pipeline["memory_peak_bytes"]
     table.add_row("worker peak RSS (tree)", _mb(memory.get("worker")), "")

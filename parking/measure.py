@@ -180,6 +180,30 @@ def tree_rss(roots: Sequence[int]) -> int | None:
     """
     if not roots or not os.path.isdir("/proc"):
         return None
+    return sum(_rss(pid) for pid in tree(roots))
+
+
+_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _cpu(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as handle:
+            fields = handle.read().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / _TICKS  # utime + stime
+
+
+def tree_cpu(roots: Sequence[int]) -> float | None:
+    """CPU seconds used so far by these processes and their live descendants."""
+    if not roots or not os.path.isdir("/proc"):
+        return None
+    return sum(_cpu(pid) for pid in tree(roots))
+
+
+def tree(roots: Sequence[int]) -> set[int]:
+    """These processes and all their descendants (Linux)."""
     parents = _parents()
     members = {pid for pid in roots if pid in parents}
     grew = True
@@ -187,7 +211,7 @@ def tree_rss(roots: Sequence[int]) -> int | None:
         fresh = {pid for pid, ppid in parents.items() if ppid in members} - members
         members |= fresh
         grew = bool(fresh)
-    return sum(_rss(pid) for pid in members)
+    return members
 
 
 class MemoryPeaks:
@@ -197,6 +221,13 @@ class MemoryPeaks:
         self._trees = {name: list(pids) for name, pids in trees.items() if pids}
         self.peaks: dict[str, int] = {}
         self.latest: dict[str, int] = {}
+
+    def cpu(self) -> dict[str, float]:
+        """CPU seconds so far of each tree, and of this process."""
+        found = {name: tree_cpu(pids) for name, pids in self._trees.items()}
+        # This process alone: the trees above are its children.
+        found["bench"] = _cpu(os.getpid())
+        return {name: value for name, value in found.items() if value is not None}
 
     def sample(self) -> None:
         for name, pids in self._trees.items():
@@ -279,9 +310,30 @@ class CsvTail:
             self.rows.extend((seen, row) for row in parsed)
         return len(parsed)
 
-    def snapshot(self) -> list[tuple[float, list[str]]]:
+    def snapshot(self, start: int = 0) -> list[tuple[float, list[str]]]:
+        """The rows seen so far, from the ``start``-th on."""
         with self._lock:
-            return list(self.rows)
+            return self.rows[start:]
+
+    def counter(self, plates: set[str], start: int = 0) -> Callable[[], int]:
+        """A running count of the rows, from the ``start``-th on, of these plates.
+
+        Each call looks only at the rows that came since the last one: polled
+        many times a second, it must not cost the machine it measures.
+        """
+        cursor, count = start, 0
+
+        def count_rows() -> int:
+            nonlocal cursor, count
+            if self.header is None:
+                return 0
+            fresh = self.snapshot(cursor)
+            cursor += len(fresh)
+            column = self.column("vehicle_plate")
+            count += sum(1 for _, row in fresh if row[column] in plates)
+            return count
+
+        return count_rows
 
     def column(self, name: str) -> int:
         if self.header is None:

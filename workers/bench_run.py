@@ -5,6 +5,10 @@ from __future__ import annotations
 import json
 import logging
 import secrets
+import shutil
+import signal
+import subprocess
+import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -40,6 +44,7 @@ logger = logging.getLogger(__name__)
 EVENTS_TOTAL = "parking_events_total"
 REJECTED_TOTAL = "parking_events_rejected_total"
 PROCESSING = "parking_event_processing_seconds"
+SUMMARY_POST = "parking_summary_post_seconds"
 
 
 class Bench:
@@ -109,7 +114,7 @@ class Bench:
                 return measure.samples_from_dir(self._metrics_dir)
             if self.metrics_url:
                 return measure.samples_from_url(self.metrics_url)
-        except OSError as exc:
+        except (OSError, ValueError) as exc:
             logger.warning("worker metrics unreadable error=%s", exc)
         return None
 
@@ -125,7 +130,7 @@ class Bench:
         self, plates: set[str], start: int = 0
     ) -> list[tuple[float, list[str]]]:
         assert self.tail is not None
-        rows = self.tail.snapshot()[start:]
+        rows = self.tail.snapshot(start)
         if not rows:
             return []
         column = self.tail.column("vehicle_plate")
@@ -151,6 +156,7 @@ class Bench:
         self.redis.delete(key)
         plan = plan_noop(count, self.options.publishers)
         bar = self.progress.add_task("baseline: no-op tasks", total=count)
+        cpu_before = self.memory.cpu()
         started = time.monotonic()
         self.publisher.start(plan.lanes)
         done = 0
@@ -169,6 +175,7 @@ class Bench:
             "completed": done,
             "seconds": round(elapsed, 3),
             "tasks_per_second": round(done / elapsed, 1),
+            "cpu_ms_per_task": _per(self.memory.cpu(), cpu_before, done),
             "timed_out": done < count,
         }
 
@@ -192,6 +199,9 @@ class Bench:
                 "pipeline: CSV rows", total=len(plan.matched)
             ),
         }
+        count_rows = self.tail.counter(plan.matched, tail_start)
+        profilers = self._profile()
+        cpu_before = self.memory.cpu()
         started = time.monotonic()
         self.publisher.start(plan.lanes)
         published_at = finished_at = None
@@ -202,7 +212,7 @@ class Bench:
             if sent >= plan.size and published_at is None:
                 published_at = time.monotonic()
             processed = self.processed_since(before)
-            rows = len(self.rows_of(plan.matched, tail_start))
+            rows = count_rows()
             self._show(bars, sent, processed, rows)
             complete = processed is None or processed >= plan.size
             if rows >= len(plan.matched) and complete and sent >= plan.size:
@@ -210,6 +220,11 @@ class Bench:
                 break
         self.publisher.join()
         elapsed = (finished_at or time.monotonic()) - started
+        cpu_per_event = _per(self.memory.cpu(), cpu_before, plan.size)
+        for profiler in profilers:
+            profiler.send_signal(signal.SIGINT)  # py-spy writes its file and ends
+        for profiler in profilers:
+            profiler.wait(timeout=60)
         after = self.metrics()
         report = {
             "events": plan.size,
@@ -223,10 +238,35 @@ class Bench:
             "redis_before": redis_before,
             "redis_after": measure.redis_stats(self.redis),
             "memory_peak_bytes": dict(self.memory.peaks),
+            "cpu_ms_per_event": cpu_per_event,
         }
         report |= self._processing(before, after)
         report |= self._rows(plan, ours, tail_start)
         return report
+
+    def _profile(self) -> list[subprocess.Popen[bytes]]:
+        """py-spy on every worker process and the API: samples of threads that hold
+        the GIL (CPU in Python), taken without pausing the process."""
+        target = self.options.profile
+        if target is None or self.services is None:
+            return []
+        spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+        target.mkdir(parents=True, exist_ok=True)
+        pids = self.services.pids()
+        named = {f"worker-{pid}": pid for pid in measure.tree(pids["worker"])}
+        named |= {f"api-{pid}": pid for pid in pids["api"]}
+        profilers = []
+        for name, pid in named.items():
+            command = [
+                spy, "record", "--pid", str(pid), "--nonblocking", "--gil",
+                "--format", "raw", "--output", str(target / f"{name}.txt"),
+            ]  # fmt: skip
+            profilers.append(
+                subprocess.Popen(
+                    command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+                )
+            )
+        return profilers
 
     def _show(
         self, bars: dict[str, TaskID], sent: int, processed: int | None, rows: int
@@ -255,6 +295,15 @@ class Bench:
                     buckets, 0.003 if kind == "entry" else 0.01
                 ),
             }
+        # The exit's share spent posting the stay to the API.
+        posts = measure.buckets(delta, SUMMARY_POST)
+        processing["summary_post"] = {
+            "count": int(posts[-1][1]) if posts else 0,
+            **{
+                f"p{round(q * 100)}_ms": _ms(measure.histogram_quantile(posts, q))
+                for q in (0.5, 0.95, 0.99)
+            },
+        }
         outcomes = {
             f"{labels[0][1]}/{labels[1][1]}": int(value)
             for (name, labels), value in sorted(delta.items())
@@ -334,6 +383,16 @@ def _summary_body(token: str, index: int) -> bytes:
         Visit(f"a{token}x{index}", f"A{token}{index:07d}", exit_at),
     )
     return json.dumps(stay.to_json()).encode()
+
+
+def _per(
+    after: dict[str, float], before: dict[str, float], count: int
+) -> dict[str, float]:
+    """CPU milliseconds per unit of work, by process tree."""
+    return {
+        name: round((after[name] - before.get(name, 0.0)) * 1000 / max(count, 1), 3)
+        for name in after
+    }
 
 
 def _ms(seconds: float | None) -> float | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import signal
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,8 @@ from workers import topology
 from workers.app import app
 
 logger = logging.getLogger(__name__)
+
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 
 # -- The processes under test -----------------------------------------------
@@ -87,7 +91,7 @@ class Services:
         # A session of its own: stopping it can never reach other processes.
         process = subprocess.Popen(
             command, env=env, stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True, cwd=os.getcwd(),
+            start_new_session=True, cwd=os.getcwd(), preexec_fn=_die_with_parent(),
         )  # fmt: skip
         log.close()
         logger.info("bench started name=%s pid=%d", name, process.pid)
@@ -121,6 +125,23 @@ class Services:
             "worker": [p.pid for p in self.workers],
             "api": [self.api.pid] if self.api else [],
         }
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """On Linux, a child that gets SIGTERM when the bench ends, even by SIGKILL,
+    so an interrupted run leaves no worker or API behind.
+
+    Runs between fork and exec, which is safe only while the bench has no
+    other thread: the services start before any of its threads.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def arm() -> None:
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+    return arm
 
 
 def _http_ok(url: str) -> bool:

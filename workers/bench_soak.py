@@ -7,7 +7,7 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from parking import measure
@@ -32,6 +32,7 @@ class Soak:
         self.bench = bench
         self.options = bench.options
         self.matched: set[str] = set()
+        self.count_rows: Callable[[], int] = lambda: 0
         self.events = 0
 
     def schedule(self) -> Iterator[tuple[float, Planned]]:
@@ -116,6 +117,7 @@ class Soak:
         bench, options = self.bench, self.options
         assert bench.tail is not None
         tail_start = len(bench.tail.snapshot())
+        self.count_rows = bench.tail.counter(self.matched, tail_start)
         before = bench.metrics()
         total = options.soak + options.dwell
         bar = bench.progress.add_task("soak", total=total)
@@ -174,8 +176,7 @@ class Soak:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             processed = bench.processed_since(before)
-            rows = len(bench.rows_of(self.matched, tail_start))
-            if rows >= len(self.matched) and (
+            if self.count_rows() >= len(self.matched) and (
                 processed is None or processed >= self.events
             ):
                 return True
@@ -197,7 +198,7 @@ class Soak:
             "api_rss": bench.memory.latest.get("api"),
             "published": self.events,
             "processed": bench.processed_since(before),
-            "rows": len(bench.rows_of(self.matched, tail_start)),
+            "rows": self.count_rows(),
         }
 
 

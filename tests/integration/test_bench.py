@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ from typing import Any
 import redis
 
 from parking.settings import get_settings
+from tests.services import wait_until
 from workers.bench_services import queue_state
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -85,6 +87,38 @@ def test_bench_leaves_its_database_empty_and_its_queues_gone() -> None:
     assert client.dbsize() == 0
     assert queue_state(f"{PREFIX}.entry") is None
     assert queue_state(f"{PREFIX}.exit") is None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as handle:
+            return handle.read().rpartition(")")[2].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_a_killed_bench_leaves_no_worker_or_api_behind() -> None:
+    db = str(get_settings().redis_db_store)
+    command = [
+        sys.executable, "-m", "parking", "bench", "-n", "100000",
+        "--redis-db", db, "--queue-prefix", PREFIX,
+    ]  # fmt: skip
+    bench = subprocess.Popen(command, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    started: dict[str, int] = {}
+    try:
+        assert bench.stderr is not None
+        for line in bench.stderr:
+            match = re.search(r"bench started name=(\w+) pid=(\d+)", line)
+            if match:
+                started[match[1]] = int(match[2])
+            if "worker1" in started:
+                break
+        assert set(started) == {"api", "worker1"}
+    finally:
+        bench.kill()
+        bench.wait()
+
+    wait_until(lambda: not any(_alive(pid) for pid in started.values()), timeout=60)
 
 
 def test_bench_refuses_a_database_that_holds_keys() -> None:

@@ -133,3 +133,18 @@ def test_memory_peaks_keep_the_highest_sample() -> None:
     assert peaks.peaks["me"] >= first + 60 * 2**20
     assert peaks.latest["me"] < peaks.peaks["me"]
     assert "nobody" not in peaks.peaks
+
+
+def test_row_counter_counts_only_new_rows_of_the_plates(tmp_path: Path) -> None:
+    path = tmp_path / "stays.csv"
+    path.write_text("stay_id,vehicle_plate\ns0,OLD\n")
+    tail = measure.CsvTail(path)
+    tail.poll()
+    count = tail.counter({"A1", "B2"}, start=1)
+    assert count() == 0
+
+    with open(path, "a") as handle:
+        handle.write("s1,A1\ns2,ZZ\ns3,B2\n")
+    tail.poll()
+    assert count() == 2
+    assert count() == 2  # nothing new
