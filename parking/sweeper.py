@@ -9,6 +9,7 @@ for the next sweep, and the API writes each one once (keyed by its event id).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -35,6 +36,8 @@ class SweepResult:
     waiting: int = 0
     #: Open visits by car park.
     occupancy: dict[str, int] = field(default_factory=dict)
+    #: Entry events still queued; while there are any, no exit is declared.
+    entry_backlog: int = 0
 
 
 class Sweeper:
@@ -46,6 +49,7 @@ class Sweeper:
         metrics: ParkingMetrics,
         lots: Lots,
         max_stay: timedelta,
+        entry_backlog: Callable[[], int] = lambda: 0,
     ) -> None:
         self._store = store
         self._sink = sink
@@ -53,10 +57,19 @@ class Sweeper:
         self._metrics = metrics
         self._lots = lots
         self._max_stay = max_stay
+        self._entry_backlog = entry_backlog
 
     def sweep(self) -> SweepResult:
         now = self._clock.now()
-        expired = self._store.take_expired_exits(now)
+        # The grace period is counted in processing time, so entries held up
+        # in their queue (a backlog after an outage, a slow worker) would see
+        # their exits declared unmatched before they are read. While entries
+        # wait, exits wait too: an exit is unmatched only once every entry
+        # that was published before the sweep had its chance.
+        backlog = self._entry_backlog()
+        expired = [] if backlog else self._store.take_expired_exits(now)
+        if backlog:
+            logger.info("sweep holds pending exits entry_backlog=%d", backlog)
         for exit_ in expired:
             report_unmatched(exit_, self._metrics)
         # Measured in processing time, not event time: a replay of old events
@@ -74,6 +87,7 @@ class Sweeper:
             posted=posted,
             waiting=waiting,
             occupancy=occupancy,
+            entry_backlog=backlog,
         )
 
     def _hand_over(self) -> tuple[int, int]:

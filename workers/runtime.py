@@ -83,8 +83,18 @@ def exit_processor() -> ExitEventProcessor:
 
 @cache
 def sweeper() -> Sweeper:
+    from workers.topology import entry_backlog
+
     max_stay = timedelta(hours=settings().max_stay_hours)
-    return Sweeper(store(), sink(), SystemClock(), _metrics(), lots(), max_stay)
+    return Sweeper(
+        store(),
+        sink(),
+        SystemClock(),
+        _metrics(),
+        lots(),
+        max_stay,
+        entry_backlog=lambda: entry_backlog(settings()),
+    )
 
 
 @cache

@@ -6,6 +6,7 @@ RabbitMQ refuses a second declaration with other arguments
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from kombu.connection import Connection
@@ -13,6 +14,8 @@ from kombu.entity import Exchange, Queue
 
 from parking.events import EventKind
 from parking.settings import Settings
+
+logger = logging.getLogger(__name__)
 
 KINDS = ("entry", "exit", "generate", "default")
 
@@ -97,3 +100,34 @@ def raw_queue(settings: Settings, kind: EventKind) -> Queue:
         durable=True,
         queue_arguments=queue_arguments(settings),
     )
+
+
+def entry_backlog(settings: Settings) -> int:
+    """Entry events waiting in their queues (Celery and raw), from the broker.
+
+    When the broker cannot say, the answer is "a backlog": declaring an exit
+    unmatched too early loses a stay, declaring it later loses nothing.
+    """
+    from workers.app import app
+
+    queues = [
+        Queue(settings.queue("entry"), queue_arguments=queue_arguments(settings)),
+        raw_queue(settings, EventKind.ENTRY),
+    ]
+    try:
+        with app.connection_for_read() as connection:
+            channel = connection.default_channel
+            total = 0
+            for queue in queues:
+                try:
+                    declared = queue.bind(channel).queue_declare(passive=True)
+                except connection.channel_errors:
+                    # A raw queue nobody declared yet holds nothing; the
+                    # failed passive declare closed the channel, so reopen.
+                    channel = connection.channel()
+                    continue
+                total += declared.message_count
+            return total
+    except Exception:
+        logger.warning("entry backlog unknown; sweep holds exits", exc_info=True)
+        return 1
