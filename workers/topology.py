@@ -103,27 +103,31 @@ def raw_queue(settings: Settings, kind: EventKind) -> Queue:
 
 
 def entry_backlog(settings: Settings) -> int:
-    """Entry events waiting in their queues (Celery and raw), from the broker.
+    """Entry events waiting for the ledger, as far as the broker can tell.
 
-    When the broker cannot say, the answer is "a backlog": declaring an exit
-    unmatched too early loses a stay, declaring it later loses nothing.
+    Counts ready messages in the entry queues (Celery and raw) and in the
+    native delayed-delivery queues, where a retrying entry waits out its
+    countdown. Those are shared with every retrying task, so the count is
+    conservative: an exit may wait a little longer, but is never declared
+    unmatched while its entry is parked there. When the broker cannot say,
+    the answer is "a backlog" for the same reason.
     """
+    from kombu.transport.native_delayed_delivery import MAX_LEVEL, level_name
+
     from workers.app import app
 
-    queues = [
-        Queue(settings.queue("entry"), queue_arguments=queue_arguments(settings)),
-        raw_queue(settings, EventKind.ENTRY),
-    ]
+    names = [settings.queue("entry"), raw_queue_name(settings, EventKind.ENTRY)]
+    names += [level_name(level) for level in range(MAX_LEVEL + 1)]
     try:
         with app.connection_for_read() as connection:
-            channel = connection.default_channel
+            channel = connection.channel()
             total = 0
-            for queue in queues:
+            for name in names:
                 try:
-                    declared = queue.bind(channel).queue_declare(passive=True)
+                    declared = channel.queue_declare(name, passive=True)
                 except connection.channel_errors:
-                    # A raw queue nobody declared yet holds nothing; the
-                    # failed passive declare closed the channel, so reopen.
+                    # A queue nobody declared yet holds nothing; the failed
+                    # passive declare closed the channel, so open another.
                     channel = connection.channel()
                     continue
                 total += declared.message_count

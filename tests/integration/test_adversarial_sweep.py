@@ -112,11 +112,6 @@ def _rows(server: ApiServer) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="entry_backlog counts ready messages only; an entry retrying "
-    "through native delayed delivery is not seen (report: adversarial h9)",
-)
 def test_exit_waits_while_its_entry_waits_for_a_retry(
     api_server: ApiServer, delayed_delivery: None
 ) -> None:
