@@ -33,6 +33,7 @@ from parking.api.ledger import (
     UNMATCHED_COLUMNS,
     CsvLedger,
 )
+from parking.api.limits import BodyLimit
 from parking.errors import InvalidEvent
 from parking.events import MAX_ID_LENGTH, format_time, parse_time
 from parking.plates import clean_plate
@@ -106,7 +107,8 @@ class StaySummary(BaseModel):
             "duration_seconds": format_seconds(
                 self.exit_date_time - self.entry_date_time
             ),
-            "fee": str(self.fee.quantize(_CENT)),
+            # copy_abs: a fee of "-0" is zero, not a negative-looking cell.
+            "fee": str(self.fee.quantize(_CENT).copy_abs()),
             "currency": self.currency,
             "match": self.match,
             "clock_skew": "true" if self.clock_skew else "false",
@@ -243,6 +245,7 @@ def create_app(
     app = FastAPI(title="Parking stay summaries", lifespan=lifespan)
     app.state.ledger = ledger
     app.mount("/metrics", make_asgi_app(registry=registry))
+    app.add_middleware(BodyLimit)
 
     def authorised(
         authorization: Annotated[str | None, Header()] = None,

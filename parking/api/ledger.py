@@ -55,8 +55,12 @@ MAX_BATCH = 2000
 
 
 def neutralise(cell: str) -> str:
-    """Make a cell inert in spreadsheets (OWASP's advice: a leading quote)."""
-    return "'" + cell if cell.startswith(_FORMULA_LEADS) else cell
+    """Make a cell inert in spreadsheets (OWASP's advice: a leading quote).
+
+    A cell that already starts with a quote gets one more, so that two
+    different values never become the same cell (keys must stay distinct).
+    """
+    return "'" + cell if cell.startswith((*_FORMULA_LEADS, "'")) else cell
 
 
 class LedgerLayoutError(Exception):

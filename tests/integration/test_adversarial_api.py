@@ -190,11 +190,6 @@ def test_paging_far_past_the_end_is_empty_not_an_error(api: ApiServer) -> None:
         assert refused.status_code == 422, query
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="no request body limit: FastAPI buffers and parses any body before "
-    "the token is checked (report: adversarial h9)",
-)
 def test_an_oversized_body_is_refused_before_it_is_read(api: ApiServer) -> None:
     # A stay is a few hundred bytes; 2 MiB is far beyond any honest one.
     junk = b"{" + b" " * (2 * 1024 * 1024)
@@ -209,11 +204,6 @@ def test_an_oversized_body_is_refused_before_it_is_read(api: ApiServer) -> None:
     assert _post(api, "/summaries", huge_plate).status_code == 413
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Decimal('-0') passes ge=0 and is written as '-0.00, which the "
-    'CSV then neutralises to "\'-0.00" (report: adversarial h9)',
-)
 def test_a_negative_zero_fee_is_written_as_zero(api: ApiServer) -> None:
     assert _post(api, "/summaries", _stay("zero-fee", fee="-0")).status_code in (
         201,
@@ -223,11 +213,6 @@ def test_a_negative_zero_fee_is_written_as_zero(api: ApiServer) -> None:
     assert fees in ([], ["0.00"])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="neutralising is not injective: '=X' and \"'=X\" share one key, so "
-    "the second event's record is dropped (report: adversarial h9)",
-)
 def test_two_distinct_event_ids_are_two_review_rows(api: ApiServer) -> None:
     first = _post(api, "/unmatched", _unmatched("=X1"))
     second = _post(api, "/unmatched", _unmatched("'=X1"))

@@ -303,3 +303,8 @@ def test_a_review_ledger_writes_its_own_columns_once_per_event_id(
 def test_a_ledger_key_must_be_one_of_its_columns(path: Path) -> None:
     with pytest.raises(ValueError, match="key column"):
         CsvLedger(path, columns=UNMATCHED_COLUMNS, key="stay_id")
+
+
+def test_neutralising_keeps_distinct_cells_distinct() -> None:
+    cells = ["=X1", "'=X1", "''=X1", "X1", "'X1"]
+    assert len({neutralise(cell) for cell in cells}) == len(cells)
