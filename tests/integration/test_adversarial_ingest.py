@@ -19,6 +19,7 @@ from prometheus_client import REGISTRY
 
 from parking.events import EventKind
 from parking.settings import get_settings
+from tests.brokers import dead_letter_count, drain_dead_letters
 from tests.services import ApiServer, wait_until
 from tests.traffic import read_rows
 from workers import runtime, topology
@@ -148,6 +149,7 @@ def test_a_byte_order_mark_is_accepted_however_the_body_is_labelled(
 def test_huge_and_mislabelled_bodies_are_dead_lettered_and_ingest_goes_on(
     api_server: ApiServer, ingest: list[tuple[EventKind, Any, int]]
 ) -> None:
+    drain_dead_letters(get_settings())
     too_large = _rejected("too_large")
     huge = _event(EventKind.ENTRY, "huge", "HUGE1", "2024-05-01T08:00:00Z")
     bad = [
@@ -170,3 +172,7 @@ def test_huge_and_mislabelled_bodies_are_dead_lettered_and_ingest_goes_on(
 
     wait_until(lambda: len(read_rows(api_server.csv)) == 1, timeout=30)
     assert _rejected("too_large") == too_large + 1
+    # Every one of them is kept for review, and none is left for other tests.
+    settings = get_settings()
+    wait_until(lambda: dead_letter_count(settings) >= len(bad), timeout=30)
+    assert len(drain_dead_letters(settings)) == len(bad)
