@@ -103,11 +103,14 @@ def _isolate(options: BenchOptions) -> None:
     get_settings.cache_clear()
 
 
-def _claim_database(options: BenchOptions) -> redis.Redis:
+def _claim_database(options: BenchOptions) -> redis.Redis | None:
+    """The bench's own database, checked empty; None for a running system's."""
+    if options.use_running:
+        if options.flush:
+            raise click.ClickException("--flush never applies to --use-running")
+        return None
     settings = get_settings()
     client = redis.Redis.from_url(settings.redis_connection_url(options.redis_db))
-    if options.use_running:
-        return client
     keys = client.dbsize()
     if keys and not options.flush:
         raise click.ClickException(
@@ -184,7 +187,7 @@ def bench(**params: Any) -> None:
         report = _run(options)
         failed = not _correct(report)
     finally:
-        if not options.use_running and not options.keep:
+        if client is not None and not options.keep:
             client.flushdb()
         if options.keep or failed:
             console.print(f"work directory kept: {work_dir}")

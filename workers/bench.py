@@ -161,10 +161,6 @@ class Publisher:
     def sent(self) -> int:
         return sum(self._sent)
 
-    @property
-    def running(self) -> bool:
-        return any(thread.is_alive() for thread in self._threads)
-
     def start(self, lanes: list[list[Planned]]) -> None:
         self._sent = [0] * len(lanes)
         self._threads = [

@@ -85,7 +85,12 @@ class Bench:
                     "is another bench running on this broker?"
                 )
             self.services = Services(options, self.settings, options.work_dir)
-            self.services.start()
+            try:
+                self.services.start()
+            except BaseException:
+                # __exit__ does not run when __enter__ fails.
+                self.services.stop()
+                raise
             self.tail = measure.CsvTail(self.services.csv)
             self._metrics_dir = self.services.metrics_dir
             trees = self.services.pids()
@@ -304,11 +309,12 @@ class Bench:
                 for q in (0.5, 0.95, 0.99)
             },
         }
-        outcomes = {
-            f"{labels[0][1]}/{labels[1][1]}": int(value)
-            for (name, labels), value in sorted(delta.items())
-            if name == EVENTS_TOTAL and value
-        }
+        outcomes: dict[str, int] = {}
+        for (name, labels), value in sorted(delta.items()):
+            if name == EVENTS_TOTAL and value:
+                found = dict(labels)
+                key = f"{found.get('kind')}/{found.get('outcome')}"
+                outcomes[key] = outcomes.get(key, 0) + int(value)
         rejected = int(measure.total(delta, REJECTED_TOTAL))
         return {"processing": processing, "outcomes": outcomes, "rejected": rejected}
 

@@ -21,8 +21,8 @@ from workers.bench_run import Bench
 
 logger = logging.getLogger(__name__)
 
-
-# -- Soak -------------------------------------------------------------------
+ENTRY = ("entry", TASKS["entry"], EventKind.ENTRY)
+EXIT = ("exit", TASKS["exit"], EventKind.EXIT)
 
 
 class Soak:
@@ -45,25 +45,26 @@ class Soak:
         entries_per_second = exits_per_second * ratio
         unmatched_per_second = exits_per_second - entries_per_second
 
-        def cars() -> Iterator[tuple[float, Planned]]:
+        def cars() -> Iterator[tuple[float, int, str]]:
+            if entries_per_second <= 0:
+                return
             for index in itertools.count():
                 at = index / entries_per_second
                 if at >= options.soak:
                     return
                 plate = f"S{token}{index:07d}"
                 self.matched.add(plate)
-                entry = Planned(
-                    "entry", TASKS["entry"], EventKind.ENTRY, f"s{token}e{index}", plate
-                )
-                yield at, entry
+                yield at, index, plate
+
+        def entering() -> Iterator[tuple[float, Planned]]:
+            for at, index, plate in cars():
+                event_id = f"s{token}e{index}"
+                yield at, Planned(*ENTRY, event_id, plate)
 
         def leaving() -> Iterator[tuple[float, Planned]]:
-            for at, entry in cars():
-                exit_ = Planned(
-                    "exit", TASKS["exit"], EventKind.EXIT,
-                    entry.event_id.replace("e", "x", 1), entry.plate,
-                )  # fmt: skip
-                yield at + options.dwell, exit_
+            for at, index, plate in cars():
+                event_id = f"s{token}x{index}"
+                yield at + options.dwell, Planned(*EXIT, event_id, plate)
 
         def strangers() -> Iterator[tuple[float, Planned]]:
             if unmatched_per_second <= 0:
@@ -72,17 +73,8 @@ class Soak:
                 at = index / unmatched_per_second
                 if at >= options.soak:
                     return
-                plate = f"V{token}{index:07d}"
-                yield (
-                    at,
-                    Planned(
-                        "exit",
-                        TASKS["exit"],
-                        EventKind.EXIT,
-                        f"s{token}u{index}",
-                        plate,
-                    ),
-                )
+                event_id, plate = f"s{token}u{index}", f"V{token}{index:07d}"
+                yield at, Planned(*EXIT, event_id, plate)
 
         def sweeps() -> Iterator[tuple[float, Planned]]:
             interval = self.bench.settings.sweep_interval_seconds
@@ -93,7 +85,7 @@ class Soak:
                 yield at, Planned("generate", "parking.sweep")
 
         merged = heapq.merge(
-            cars(), leaving(), strangers(), sweeps(), key=lambda pair: pair[0]
+            entering(), leaving(), strangers(), sweeps(), key=lambda pair: pair[0]
         )
         yield from merged
 
