@@ -60,6 +60,10 @@ def api_server(test_settings: Settings) -> Iterator[ApiServer]:
 
 @pytest.fixture(scope="session")
 def celery_app() -> Celery:
+    # The embedded worker's heartbeat timer wakes it only every ten seconds,
+    # so with heartbeats on each worker took ten seconds to stop; under load
+    # that overran the stop timeout and left a worker thread behind.
+    celery_application.conf.broker_heartbeat = 0
     return celery_application
 
 
@@ -71,6 +75,8 @@ def celery_worker_parameters() -> dict[str, Any]:
         # The ping check needs a result backend; the service runs without one.
         # The embedded worker still waits until its consumer is started.
         "perform_ping_check": False,
+        # A worker that cannot stop in time would hang every later test.
+        "shutdown_timeout": 60.0,
     }
 
 

@@ -71,6 +71,7 @@ def test_exit_waits_while_its_entry_is_queued(
         celery_app,
         perform_ping_check=False,
         queues=[settings.queue("entry"), settings.queue("default")],
+        shutdown_timeout=60.0,
     ):
         wait_until(lambda: len(_rows(api_server)) == 1)
     row = _rows(api_server)[0]
