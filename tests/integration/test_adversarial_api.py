@@ -204,6 +204,27 @@ def test_an_oversized_body_is_refused_before_it_is_read(api: ApiServer) -> None:
     assert _post(api, "/summaries", huge_plate).status_code == 413
 
 
+def test_an_oversized_chunked_body_is_refused_as_too_large(api: ApiServer) -> None:
+    """No Content-Length to judge by: the body is counted as it streams in,
+    and the client is told why it was refused (413, not a parse error)."""
+
+    def chunks() -> Iterator[bytes]:
+        yield b'{"stay_id": "chunked-1", "vehicle_plate": "'
+        for _ in range(64):
+            yield b"A" * 4096
+        yield b'"}'
+
+    for headers in (AUTH, {}):
+        answer = requests.post(
+            f"{api.url}/summaries",
+            data=chunks(),
+            headers={**headers, "Content-Type": "application/json"},
+            timeout=30,
+        )
+        assert answer.status_code == 413, (headers, answer.text[:200])
+    assert _rows(api.csv) == []
+
+
 def test_a_negative_zero_fee_is_written_as_zero(api: ApiServer) -> None:
     assert _post(api, "/summaries", _stay("zero-fee", fee="-0")).status_code in (
         201,
