@@ -11,14 +11,19 @@ import csv
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
-from pydantic import SecretStr
+from prometheus_client import CollectorRegistry
+from pydantic import SecretStr, ValidationError
 
+from parking.metrics import ParkingMetrics
 from parking.settings import Settings
+from parking.stays import Stay, Visit
+from parking.summary_client import HttpSummarySink
 from tests.services import ApiServer
 
 pytestmark = pytest.mark.integration
@@ -239,3 +244,46 @@ def test_two_distinct_event_ids_are_two_review_rows(api: ApiServer) -> None:
     second = _post(api, "/unmatched", _unmatched("'=X1"))
     assert (first.status_code, second.status_code) == (201, 201)
     assert len(_rows(api.settings.unmatched_csv_path)) == 2
+
+
+_UNSENDABLE = pytest.mark.xfail(
+    strict=True,
+    reason="a token the worker cannot send as-is is taken by the settings and "
+    "fails only at the first post: every stay is dead-lettered "
+    "(report: adversarial h9)",
+)
+
+
+@pytest.mark.parametrize(
+    "token",
+    [
+        pytest.param("pässwörd", id="latin-1"),
+        pytest.param(" leading", id="leading-space"),
+        pytest.param("t€k", id="beyond-latin-1", marks=_UNSENDABLE),
+        pytest.param("trailing ", id="trailing-space", marks=_UNSENDABLE),
+    ],
+)
+def test_a_token_is_refused_at_start_or_works(tmp_path: Path, token: str) -> None:
+    """An operator's token: either the settings refuse it when read, or the
+    worker's posts with it are accepted by the API holding it."""
+    try:
+        settings = Settings(
+            summary_csv=tmp_path / "stays.csv", summary_api_token=SecretStr(token)
+        )
+    except ValidationError:
+        return
+    entry_at = datetime(2024, 1, 1, tzinfo=UTC)
+    stay = Stay.between(
+        Visit("tok-in", "TOK1", entry_at),
+        Visit("tok-out", "TOK1", entry_at + timedelta(hours=1)),
+    )
+    server = ApiServer(settings)
+    server.start()
+    try:
+        sink = HttpSummarySink(
+            server.url, ParkingMetrics(CollectorRegistry()), token=token
+        )
+        sink.record(stay)
+    finally:
+        server.stop()
+    assert [row["stay_id"] for row in _rows(settings.summary_csv)] == [stay.stay_id]
