@@ -145,6 +145,10 @@ def _identifier(value: object, name: str, reason: str) -> str:
 def decode_json(raw: str | bytes | bytearray) -> Any:
     if len(raw) > MAX_MESSAGE_BYTES:
         raise InvalidEvent("too_large", f"message over {MAX_MESSAGE_BYTES} bytes")
+    if isinstance(raw, str):
+        # Bytes with a byte-order mark parse; the same body already decoded
+        # as UTF-8 text (AMQP content_encoding) keeps the mark as a character.
+        raw = raw.removeprefix("\ufeff")
     try:
         return json.loads(raw)
     except UnicodeDecodeError:

@@ -460,3 +460,19 @@ def _redis_errors() -> Iterator[None]:
         yield
     except (redis.ConnectionError, redis.TimeoutError) as exc:
         raise StoreUnavailable(f"redis unavailable: {type(exc).__name__}") from exc
+    except redis.ResponseError as exc:
+        # Refusals that pass by themselves (out of memory, a failed snapshot,
+        # a busy script, a replica that became read-only in a failover) mean
+        # "later", like a lost connection; any other reply is a bug to see.
+        transient = (redis.ReadOnlyError, redis.exceptions.OutOfMemoryError)
+        if isinstance(exc, transient) or str(exc).startswith(_TRANSIENT_REPLIES):
+            raise StoreUnavailable(
+                f"redis refused for now: {type(exc).__name__}"
+            ) from exc
+        raise
+
+
+_TRANSIENT_REPLIES = (
+    "OOM", "MISCONF", "BUSY", "LOADING", "MASTERDOWN", "TRYAGAIN",
+    "CLUSTERDOWN", "NOREPLICAS", "READONLY",
+)  # fmt: skip

@@ -85,6 +85,11 @@ class PlainEventConsumer(ConsumerMixin):
             logger.warning("plain event handed to retries kind=%s error=%s", kind, exc)
             self._handoff(kind, decode_json(body), 1)
             message.ack()
+        except Exception:
+            # A bug must not end the consumer (and with it every camera's
+            # feed): the message goes to the dead letters, like a failed task.
+            logger.exception("plain event failed kind=%s; dead-lettered", kind)
+            message.reject(requeue=False)
         else:
             message.ack()
 

@@ -128,11 +128,6 @@ def test_valid_events_apply_whatever_their_labels_say(
     assert written == set(plates.values())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a BOM is accepted on an unlabelled body but refused (bad_json) "
-    "when the body says content_encoding=utf-8 (report: adversarial h9)",
-)
 def test_a_byte_order_mark_is_accepted_however_the_body_is_labelled(
     api_server: ApiServer, ingest: list[tuple[EventKind, Any, int]]
 ) -> None:

@@ -139,12 +139,6 @@ def _processor(client: redis.Redis) -> EntryEventProcessor:
     return EntryEventProcessor(store, _NoSink(), SystemClock(), metrics, lots)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=redis.ResponseError,
-    reason="RedisVisitStore maps only ConnectionError/TimeoutError to "
-    "StoreUnavailable (report: adversarial h9)",
-)
 def test_a_redis_that_refuses_for_now_means_retry_later(
     refusing_redis: redis.Redis,
 ) -> None:
@@ -164,12 +158,6 @@ class _Message:
         self.state = "requeued" if requeue else "dead-lettered"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=redis.ResponseError,
-    reason="the plain consumer lets a Redis refusal escape, which ends "
-    "ConsumerMixin.run and so `parking ingest` (report: adversarial h9)",
-)
 def test_the_plain_consumer_hands_a_refused_event_to_the_retries(
     refusing_redis: redis.Redis,
 ) -> None:
