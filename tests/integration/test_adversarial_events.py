@@ -335,3 +335,22 @@ def test_a_repeat_visitor_whose_exits_came_first_gets_two_right_stays(
 
     durations = sorted(row["duration_seconds"] for row in read_rows(api_server.csv))
     assert durations == ["3600", "3600"], "each visit billed for its own hour"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="processed ids are keyed by id alone (and the plate's bucket), not "
+    "by kind or car park: a reused id is dropped as a redelivery "
+    "(report: adversarial h9)",
+)
+def test_an_exit_that_reuses_its_entry_number_is_still_an_exit(
+    api_server: ApiServer,
+) -> None:
+    """Each camera numbers its own reads: the entry gate's read 17 and the
+    exit gate's read 17 are two events."""
+    at = T0 + timedelta(hours=5)
+    runtime.entry_processor().process_message(entry_event("17", "NUM1", at))
+    runtime.exit_processor().process_message(
+        exit_event("17", "NUM1", at + timedelta(minutes=30))
+    )
+    assert [row["duration_seconds"] for row in read_rows(api_server.csv)] == ["1800"]
