@@ -189,7 +189,7 @@ class Api(Service):
 
     def metric(self, name: str) -> float:
         """One unlabelled sample from the API's own metrics endpoint."""
-        text = requests.get(f"{self.url}/metrics/", timeout=5).text
+        text = requests.get(f"{self.url}/metrics", timeout=5).text
         match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
         return float(match.group(1)) if match else 0.0
 

@@ -19,7 +19,13 @@ from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request, Response
 from fastapi.responses import JSONResponse
-from prometheus_client import CollectorRegistry, Counter, Histogram, make_asgi_app
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
 from pydantic import (
     BaseModel,
     Field,
@@ -244,7 +250,13 @@ def create_app(
 
     app = FastAPI(title="Parking stay summaries", lifespan=lifespan)
     app.state.ledger = ledger
-    app.mount("/metrics", make_asgi_app(registry=registry))
+
+    # Mounted apps answer /metrics with a redirect to /metrics/; a route
+    # answers both the way scrapers and people type it.
+    @app.get("/metrics", include_in_schema=False)
+    def metrics_endpoint() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
     app.add_middleware(BodyLimit)
 
     def authorised(

@@ -594,7 +594,7 @@ def test_local_system_on_secret_files_never_shows_a_secret(
     assert [a.status_code for a in answers] == [200, 401, 401, 401, 422]
     for answer in answers:
         _no_secret_in(values, f"an API answer {answer.status_code}", answer.content)
-    metrics = requests.get(f"{api}/metrics/", timeout=5).text
+    metrics = requests.get(f"{api}/metrics", timeout=5).text
     assert re.search(r"^parking_api_unauthorized_total 3\.0$", metrics, re.MULTILINE)
 
     # Flower behind its basic auth, the password taken from the secret file.

@@ -240,7 +240,7 @@ def _stay() -> dict[str, str]:
 
 
 def _unauthorised_count(server: ApiServer) -> float:
-    text = requests.get(f"{server.url}/metrics/", timeout=5).text
+    text = requests.get(f"{server.url}/metrics", timeout=5).text
     for line in text.splitlines():
         if line.startswith("parking_api_unauthorized_total "):
             return float(line.split()[1])

@@ -369,7 +369,7 @@ async def test_refused_tokens_are_counted(secured: httpx.AsyncClient) -> None:
         "/summaries", json=_stay(), headers={"Authorization": "Bearer x"}
     )
 
-    metrics = (await secured.get("/metrics/")).text
+    metrics = (await secured.get("/metrics")).text
 
     assert "parking_api_unauthorized_total 2.0" in metrics
 
@@ -395,7 +395,7 @@ async def test_requests_are_timed_by_route(client: httpx.AsyncClient) -> None:
     await client.post("/summaries", json=_stay())
     await client.post("/summaries", json=_stay(stay_id=""))
 
-    metrics = (await client.get("/metrics/")).text
+    metrics = (await client.get("/metrics")).text
 
     timed = 'parking_api_request_seconds_count{route="/summaries",status="%s"} 1.0'
     assert timed % "2xx" in metrics
