@@ -48,9 +48,16 @@ def test_small_run_loses_and_doubles_no_row_and_reports_sane_figures() -> None:
     assert pipeline["rows"] == {
         "expected": 240, "written": 240, "lost": 0, "duplicated": 0, "unexpected": 0,
     }  # fmt: skip
-    assert pipeline["outcomes"] == {
-        "entry/opened": 300, "exit/matched": 240, "exit/pending": 60,
+    # An exit may overtake its entry (two queues): it waits as pending and
+    # the entry completes the stay.
+    outcomes = pipeline["outcomes"]
+    overtaken = outcomes.get("entry/matched", 0)
+    assert set(outcomes) <= {
+        "entry/opened", "entry/matched", "exit/matched", "exit/pending",
     }  # fmt: skip
+    assert outcomes["entry/opened"] + overtaken == 300
+    assert outcomes["exit/matched"] + overtaken == 240
+    assert outcomes["exit/pending"] - overtaken == 60
     assert report["baseline"]["completed"] == 400
     assert report["baseline"]["tasks_per_second"] > 0
     assert pipeline["events_per_second"] > 0
