@@ -9,7 +9,14 @@ from functools import lru_cache
 from pathlib import Path
 from urllib.parse import quote, urlsplit, urlunsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 #: Passwords that ship as defaults somewhere; refused outside development.
@@ -40,6 +47,9 @@ def _secrets_dir() -> list[Path]:
     candidates = [Path(configured)] if configured else [Path("secrets")]
     candidates.append(Path("/run/secrets"))
     return [path for path in candidates if path.is_dir()]
+
+
+_BEARER_TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
 
 
 class Settings(BaseSettings):
@@ -132,6 +142,19 @@ class Settings(BaseSettings):
     flower_user: str = "admin"
     flower_password: SecretStr | None = None
     var_dir: Path = Path("var")
+
+    @field_validator("summary_api_token")
+    @classmethod
+    def _sendable_token(cls, token: SecretStr | None) -> SecretStr | None:
+        # A bearer token travels in an HTTP header: only RFC 6750's token
+        # characters survive the trip unchanged. Anything else (spaces,
+        # non-ASCII, an empty value) would fail at the first post, so it is
+        # refused here, when the settings are read.
+        if token is not None and not _BEARER_TOKEN.fullmatch(token.get_secret_value()):
+            raise ValueError(
+                "summary_api_token must be letters, digits and -._~+/ (RFC 6750)"
+            )
+        return token
 
     @model_validator(mode="after")
     def _known_lots(self) -> Settings:

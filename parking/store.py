@@ -298,7 +298,9 @@ class RedisVisitStore:
         keys = [
             f"{tag}:visit:{lot}:{member}",
             f"{tag}:exit:{lot}:{member}",
-            f"{tag}:event:{event.id}",
+            # Entry and exit cameras (and car parks) may number their events
+            # independently: an id is unique within its kind and car park.
+            f"{tag}:event:{event.kind}:{event.lot_id}:{event.id}",
             f"{tag}:open:{lot}",
             f"{tag}:pending:{lot}",
             f"{tag}:last:{lot}:{member}",
@@ -464,7 +466,13 @@ def _redis_errors() -> Iterator[None]:
         # Refusals that pass by themselves (out of memory, a failed snapshot,
         # a busy script, a replica that became read-only in a failover) mean
         # "later", like a lost connection; any other reply is a bug to see.
-        transient = (redis.ReadOnlyError, redis.exceptions.OutOfMemoryError)
+        transient = (
+            redis.ReadOnlyError,
+            redis.exceptions.OutOfMemoryError,
+            redis.exceptions.TryAgainError,
+            redis.exceptions.ClusterDownError,
+            redis.exceptions.MasterDownError,
+        )
         if isinstance(exc, transient) or str(exc).startswith(_TRANSIENT_REPLIES):
             raise StoreUnavailable(
                 f"redis refused for now: {type(exc).__name__}"

@@ -337,12 +337,6 @@ def test_a_repeat_visitor_whose_exits_came_first_gets_two_right_stays(
     assert durations == ["3600", "3600"], "each visit billed for its own hour"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="processed ids are keyed by id alone (and the plate's bucket), not "
-    "by kind or car park: a reused id is dropped as a redelivery "
-    "(report: adversarial h9)",
-)
 def test_an_exit_that_reuses_its_entry_number_is_still_an_exit(
     api_server: ApiServer,
 ) -> None:
