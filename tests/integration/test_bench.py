@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 import redis
 
 from parking.settings import get_settings
@@ -18,6 +19,13 @@ from workers.bench_services import queue_state
 
 ROOT = Path(__file__).resolve().parents[2]
 PREFIX = "ptest-bench"
+
+
+@pytest.fixture(autouse=True)
+def _work_dirs_in_tmp_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A bench that fails, or is killed, keeps its work directory: here it
+    # lands in the test's own temporary directory, not in /tmp.
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
 
 
 def _bench(
