@@ -323,6 +323,9 @@ def _definitions_for(vhost: str, user: str, prefix: str) -> dict[str, Any]:
     definitions["vhosts"] = [{"name": vhost}]
     definitions["users"][0]["name"] = user
     definitions["permissions"][0].update(user=user, vhost=vhost)
+    for policy in definitions.get("policies", []):
+        policy["vhost"] = vhost
+        policy["pattern"] = policy["pattern"].replace("parking", prefix)
     for section in ("exchanges", "queues", "bindings"):
         for item in definitions[section]:
             item["vhost"] = vhost
