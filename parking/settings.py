@@ -126,7 +126,7 @@ class Settings(BaseSettings):
     max_stay_hours: float = Field(default=72.0, gt=0)
     sweep_interval_seconds: float = Field(default=5.0, gt=0)
     #: Bookkeeping of processed event ids lives this long (redelivery window).
-    event_ttl_seconds: int = Field(default=7 * 24 * 3600, ge=60)
+    event_ttl_seconds: int = Field(default=24 * 3600, ge=60)
 
     retry_max: int = Field(default=60, ge=0)
     retry_backoff_cap_seconds: int = Field(default=60, ge=1)

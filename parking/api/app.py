@@ -344,10 +344,10 @@ def create_app(
 
 
 async def _page(ledger: CsvLedger, limit: int, offset: int) -> dict[str, Any]:
-    rows = await asyncio.to_thread(lambda: list(ledger.read_all()))
-    rows.reverse()
-    return {
-        "total": len(rows),
-        "offset": offset,
-        "items": rows[offset : offset + limit],
-    }
+    items = ledger.latest(limit, offset)
+    if items is None:
+        # Only pages deep into history read the file.
+        rows = await asyncio.to_thread(lambda: list(ledger.read_all()))
+        rows.reverse()
+        items = rows[offset : offset + limit]
+    return {"total": ledger.rows, "offset": offset, "items": items}

@@ -13,8 +13,10 @@ from __future__ import annotations
 import asyncio
 import csv
 import io
+import itertools
 import logging
 import os
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +54,7 @@ ORPHAN_COLUMNS = (
 #: Cells a spreadsheet would run as a formula start with one of these.
 _FORMULA_LEADS = ("=", "+", "-", "@", "\t", "\r")
 MAX_BATCH = 2000
+RECENT_ROWS = 10_000
 
 
 def neutralise(cell: str) -> str:
@@ -91,6 +94,9 @@ class CsvLedger:
         self._fsync = fsync
         self._ids: set[str] = set()
         self._rows = 0
+        #: The newest rows as the file holds them, so that the usual "latest
+        #: stays" pages are served without reading the whole file.
+        self._recent: deque[dict[str, str]] = deque(maxlen=RECENT_ROWS)
         self._queue: asyncio.Queue[_Pending] | None = None
         self._task: asyncio.Task[None] | None = None
         self._file: io.TextIOWrapper | None = None
@@ -168,6 +174,10 @@ class CsvLedger:
         await asyncio.to_thread(self._sync)
         self._ids.update(seen)
         self._rows += len(fresh)
+        self._recent.extend(
+            {column: neutralise(item.row[column]) for column in self.columns}
+            for item in fresh
+        )
         for item in fresh:
             item.done.set_result(True)
 
@@ -191,6 +201,7 @@ class CsvLedger:
         """
         self._ids = set()
         self._rows = 0
+        self._recent.clear()
         if not self.path.exists():
             return
         with open(self.path, "rb+") as raw:
@@ -206,6 +217,7 @@ class CsvLedger:
         for row in self.read_all():
             self._ids.add(row[self.key])
             self._rows += 1
+            self._recent.append(row)
 
     def _check_header(self) -> None:
         with open(self.path, encoding="utf-8", newline="") as handle:
@@ -216,6 +228,16 @@ class CsvLedger:
                 f"{self.name} ledger writes {','.join(self.columns)}; move the "
                 "file aside (or convert it) and start again"
             )
+
+    def latest(self, limit: int, offset: int) -> list[dict[str, str]] | None:
+        """Newest first, from memory; ``None`` when the page reaches older rows."""
+        held = len(self._recent)
+        if offset + limit > held and held < self._rows:
+            return None
+        if offset >= held:
+            return []
+        newest = list(itertools.islice(reversed(self._recent), offset + limit))
+        return newest[offset:]
 
     def read_all(self) -> Iterator[dict[str, str]]:
         if not self.path.exists():

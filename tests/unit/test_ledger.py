@@ -308,3 +308,44 @@ def test_a_ledger_key_must_be_one_of_its_columns(path: Path) -> None:
 def test_neutralising_keeps_distinct_cells_distinct() -> None:
     cells = ["=X1", "'=X1", "''=X1", "X1", "'X1"]
     assert len({neutralise(cell) for cell in cells}) == len(cells)
+
+
+@pytest.mark.parametrize("restart", [False, True], ids=["running", "restarted"])
+def test_pages_from_memory_match_pages_from_the_file(
+    path: Path, monkeypatch: pytest.MonkeyPatch, restart: bool
+) -> None:
+    # A small memory of recent rows, so that deep pages fall back to the file.
+    monkeypatch.setattr("parking.api.ledger.RECENT_ROWS", 5)
+
+    async def fill(ledger: CsvLedger) -> None:
+        for n in range(12):
+            await ledger.append(_row(f"s{n}", plate="=SUM1" if n == 3 else "AB1"))
+
+    _with_ledger(path, fill)
+    if not restart:
+        _with_ledger(path, lambda ledger: ledger.append(_row("s12")))
+    else:
+        _with_ledger(path, lambda ledger: asyncio.sleep(0))
+    expected = list(reversed(_records(path)))
+
+    async def pages(ledger: CsvLedger) -> list[list[dict[str, str]] | None]:
+        cases = [(3, 0), (5, 0), (2, 3), (4, 4), (3, 11), (10, 20)]
+        return [ledger.latest(limit, offset) for limit, offset in cases]
+
+    got = _with_ledger(path, pages)
+    cases = [(3, 0), (5, 0), (2, 3), (4, 4), (3, 11), (10, 20)]
+    for (limit, offset), page in zip(cases, got, strict=True):
+        if offset + limit <= 5:
+            assert page == expected[offset : offset + limit]
+        else:
+            assert page is None
+
+
+def test_rows_just_written_are_the_first_page(path: Path) -> None:
+    async def write_then_page(ledger: CsvLedger) -> list[dict[str, str]] | None:
+        for n in range(4):
+            await ledger.append(_row(f"w{n}", plate="-AB1" if n == 2 else "AB1"))
+        return ledger.latest(3, 0)
+
+    page = _with_ledger(path, write_then_page)
+    assert page == list(reversed(_records(path)))[:3]
