@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import os
 import shutil
 import socket
@@ -98,3 +99,10 @@ class ApiServer:
     @property
     def csv(self) -> Path:
         return self.settings.summary_csv
+
+    def rows(self) -> list[dict[str, str]]:
+        """The stay rows written so far (none before the file exists)."""
+        if not self.csv.exists():
+            return []
+        with open(self.csv, newline="", encoding="utf-8") as handle:
+            return list(csv.DictReader(handle))

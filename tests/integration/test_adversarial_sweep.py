@@ -12,7 +12,6 @@ orphaned after the maximum stay.
 
 from __future__ import annotations
 
-import csv
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
@@ -103,13 +102,6 @@ def delayed_delivery() -> Iterator[None]:
             bind_queue_to_native_delayed_delivery_exchange(conn, queue)
     yield
     _purge_delayed()
-
-
-def _rows(server: ApiServer) -> list[dict[str, str]]:
-    if not server.csv.exists():
-        return []
-    with open(server.csv, newline="", encoding="utf-8") as handle:
-        return list(csv.DictReader(handle))
 
 
 def test_exit_waits_while_its_entry_waits_for_a_retry(

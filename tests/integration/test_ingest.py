@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import threading
 from collections.abc import Iterator
@@ -39,13 +38,6 @@ def _events(tag: str) -> list[tuple[EventKind, dict[str, Any]]]:
                               "exit_date_time": exit_, **extra})
         )  # fmt: skip
     return events
-
-
-def _rows(server: ApiServer) -> list[dict[str, str]]:
-    if not server.csv.exists():
-        return []
-    with open(server.csv, newline="", encoding="utf-8") as handle:
-        return list(csv.DictReader(handle))
 
 
 def _stays(rows: list[dict[str, str]]) -> set[tuple[str, ...]]:
@@ -114,15 +106,15 @@ def test_plain_json_gives_the_same_stays_as_the_celery_path(
 ) -> None:
     _purge_raw()
     publish_events(_events("celery"))
-    wait_until(lambda: len(_rows(api_server)) == len(STAYS))
-    via_celery = _stays(_rows(api_server))
+    wait_until(lambda: len(api_server.rows()) == len(STAYS))
+    via_celery = _stays(api_server.rows())
     # The same cars again: the ledger must not take them for repeated reads.
     store_redis.flushdb()
 
     plain = [(kind, json.dumps(event).encode()) for kind, event in _events("plain")]
     publish_plain(get_settings(), plain)
-    wait_until(lambda: len(_rows(api_server)) == 2 * len(STAYS))
-    rows = _rows(api_server)
+    wait_until(lambda: len(api_server.rows()) == 2 * len(STAYS))
+    rows = api_server.rows()
     assert _stays(rows) == via_celery
     assert len({row["stay_id"] for row in rows}) == 2 * len(STAYS)
     # The stay across the 2019 daylight-saving change: true elapsed time.
@@ -154,7 +146,7 @@ def test_bad_plain_messages_are_dead_lettered_and_the_rest_processed(
     ]  # fmt: skip
     good = [(kind, json.dumps(event).encode()) for kind, event in _events("good")]
     publish_plain(get_settings(), bad[:2] + good[:3] + bad[2:] + good[3:])
-    wait_until(lambda: len(_rows(api_server)) == len(STAYS))
+    wait_until(lambda: len(api_server.rows()) == len(STAYS))
     dead: list[bytes] = []
 
     def all_dead() -> bool:

@@ -2,18 +2,10 @@
 
 from __future__ import annotations
 
-import csv
 from typing import Any
 
 from tests.services import ApiServer, wait_until
 from workers.tasks import process_entry, process_exit
-
-
-def _rows(server: ApiServer) -> list[dict[str, str]]:
-    if not server.csv.exists():
-        return []
-    with open(server.csv, newline="", encoding="utf-8") as handle:
-        return list(csv.DictReader(handle))
 
 
 def test_entry_then_exit_writes_one_stay(
@@ -33,8 +25,8 @@ def test_entry_then_exit_writes_one_stay(
             "exit_date_time": "2024-09-11T22:24:57+01:00",
         }
     )
-    wait_until(lambda: len(_rows(api_server)) == 1)
-    row = _rows(api_server)[0]
+    wait_until(lambda: len(api_server.rows()) == 1)
+    row = api_server.rows()[0]
     assert row["vehicle_plate"] == "ab-123"
     assert row["entry_date_time"] == "2024-09-11T21:24:56.123456Z"
     assert row["exit_date_time"] == "2024-09-11T21:24:57Z"

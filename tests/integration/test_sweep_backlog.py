@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 from datetime import UTC, datetime, timedelta
 
 from celery import Celery
@@ -46,13 +45,6 @@ def _sweeper() -> Sweeper:
     )
 
 
-def _rows(server: ApiServer) -> list[dict[str, str]]:
-    if not server.csv.exists():
-        return []
-    with open(server.csv, newline="", encoding="utf-8") as handle:
-        return list(csv.DictReader(handle))
-
-
 def test_exit_waits_while_its_entry_is_queued(
     api_server: ApiServer, celery_app: Celery
 ) -> None:
@@ -73,8 +65,8 @@ def test_exit_waits_while_its_entry_is_queued(
         queues=[settings.queue("entry"), settings.queue("default")],
         shutdown_timeout=60.0,
     ):
-        wait_until(lambda: len(_rows(api_server)) == 1)
-    row = _rows(api_server)[0]
+        wait_until(lambda: len(api_server.rows()) == 1)
+    row = api_server.rows()[0]
     assert row["vehicle_plate"] == "LATE1"
     assert row["duration_seconds"] == "5400"
 
