@@ -322,7 +322,9 @@ def test_rabbitmq_stopped_and_started_mid_run_loses_and_doubles_nothing(
         ),
         timeout=30,
     )
-    wait_until(rig.drained, timeout=60, interval=1)
+    # A publish retried during the outage may wait out a backoff of up to
+    # retry_backoff_cap_seconds (60 s) in a delay queue before it drains.
+    wait_until(rig.drained, timeout=180, interval=1)
     check = check_ledger(rig.rows(), stays)
     _figure(
         report,
