@@ -22,7 +22,8 @@ from typing import IO
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.services import free_port, wait_until
+from parking.ports import free_port
+from tests.services import wait_until
 from workers import topology
 
 #: The checkout: the services run from it as an operator would.

@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import os
 import shutil
-import socket
 import subprocess
 import threading
 import time
@@ -17,6 +16,7 @@ from urllib.parse import urlsplit
 import uvicorn
 
 from parking.api.app import create_app
+from parking.ports import free_port
 from parking.settings import Settings
 
 
@@ -52,12 +52,6 @@ def isolated_vhost() -> Iterator[None]:
         subprocess.run(
             ["rabbitmqctl", "-q", "delete_vhost", vhost], capture_output=True
         )
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def wait_until(

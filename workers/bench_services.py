@@ -6,7 +6,6 @@ import ctypes
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from parking.benchmark import BenchOptions
+from parking.ports import free_port
 from parking.settings import Settings
 from workers import topology
 from workers.app import app
@@ -26,12 +26,6 @@ PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 
 # -- The processes under test -----------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class Services:

@@ -22,7 +22,8 @@ import requests
 from prometheus_client import CollectorRegistry
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from tests.services import free_port, wait_until
+from parking.ports import free_port
+from tests.services import wait_until
 
 logger = logging.getLogger(__name__)
 

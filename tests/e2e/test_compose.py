@@ -29,9 +29,10 @@ import yaml
 from kombu.connection import Connection
 
 from parking.events import EventKind
+from parking.ports import free_port
 from parking.secrets import SECRET_FILES
 from parking.settings import Settings
-from tests.services import free_port, wait_until
+from tests.services import wait_until
 from workers.topology import (
     dead_letter_queue,
     raw_queue,
@@ -565,7 +566,11 @@ def test_local_system_on_secret_files_never_shows_a_secret(
         return int(answer.json()["total"]) if answer.ok else 0
 
     wait_until(lambda: run.poll() is not None or stays() >= 1, timeout=180, interval=1)
-    assert run.poll() is None, log.read_text()[-3000:]
+    if run.poll() is not None:
+        # The reason a service stopped is in its own lines, often far up.
+        lines = log.read_text().splitlines()
+        first = next((i for i, x in enumerate(lines) if "stopped (rc=" in x), 0)
+        raise AssertionError("\n".join(lines[max(0, first - 40) : first + 5]))
     assert store.info("keyspace"), "nothing stored in the password-protected Redis"
 
     # Every process of the system: no secret on any command line.

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 import redis
 
+from parking.ports import free_port
 from parking.settings import get_settings
 from tests.e2e.system import RunningSystem
 from tests.observability import (
@@ -32,7 +33,7 @@ from tests.observability import (
     scrape,
     value,
 )
-from tests.services import free_port, isolated_vhost, wait_until
+from tests.services import isolated_vhost, wait_until
 
 pytestmark = pytest.mark.e2e
 

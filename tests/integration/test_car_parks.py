@@ -20,9 +20,10 @@ from prometheus_client import REGISTRY, start_http_server
 
 from parking import status
 from parking.events import EventKind
+from parking.ports import free_port
 from parking.review import UnmatchedExit
 from parking.settings import Settings, TariffOverride
-from tests.services import ApiServer, free_port, wait_until
+from tests.services import ApiServer, wait_until
 from tests.traffic import T0, entry_event, exit_event, read_rows
 from workers import runtime
 from workers.tasks import PROCESSORS, sweep
