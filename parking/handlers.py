@@ -15,12 +15,7 @@ from parking.errors import InvalidEvent
 from parking.events import CameraEvent, EventKind, parse_event
 from parking.lots import Lots
 from parking.metrics import ParkingMetrics
-from parking.review import (
-    OrphanCause,
-    OrphanedVisit,
-    UnmatchedExit,
-    UnmatchedWhy,
-)
+from parking.review import OrphanCause, OrphanedVisit, UnmatchedExit
 from parking.stays import Match, Stay
 from parking.store import Outcome, Transition, VisitStore
 from parking.summary_client import SummarySink
@@ -118,9 +113,6 @@ class _EventProcessor:
         orphan = _orphan(transition)
         if orphan is not None:
             report_orphaned(orphan, self._metrics)
-        unmatched = _superseded(transition)
-        if unmatched is not None:
-            report_unmatched(unmatched, self._metrics)
 
     def _post(self, transition: Transition, tariff: Tariff) -> None:
         stay = _stay(transition, tariff)
@@ -130,9 +122,6 @@ class _EventProcessor:
         orphan = _orphan(transition)
         if orphan is not None:
             self._sink.record_orphan(orphan)
-        unmatched = _superseded(transition)
-        if unmatched is not None:
-            self._sink.record_unmatched(unmatched)
 
 
 class EntryEventProcessor(_EventProcessor):
@@ -163,12 +152,6 @@ def _orphan(transition: Transition) -> OrphanedVisit | None:
     late = transition.outcome is Outcome.ORPHANED
     cause = OrphanCause.LATE_ENTRY if late else OrphanCause.REENTRY
     return OrphanedVisit(transition.orphan, cause)
-
-
-def _superseded(transition: Transition) -> UnmatchedExit | None:
-    if transition.superseded is None:
-        return None
-    return UnmatchedExit(transition.superseded, UnmatchedWhy.SUPERSEDED)
 
 
 def report_unmatched(item: UnmatchedExit, metrics: ParkingMetrics) -> None:

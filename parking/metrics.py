@@ -124,7 +124,7 @@ class ParkingMetrics:
         )
         self.pending_exits = Gauge(
             "parking_pending_exits",
-            "Exits waiting for their entry within the grace period, by car park",
+            "Plates with exits waiting for their entry (grace period), by car park",
             ["lot"],
             multiprocess_mode="mostrecent",
             registry=registry,

@@ -19,8 +19,6 @@ class UnmatchedWhy(StrEnum):
     GRACE_EXPIRED = "grace_expired"
     #: Several open visits were one misread away: none was chosen.
     AMBIGUOUS = "ambiguous"
-    #: A later exit of the same plate took this one's place while it waited.
-    SUPERSEDED = "superseded"
 
 
 class OrphanCause(StrEnum):

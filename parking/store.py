@@ -8,6 +8,11 @@ indexes of open visits, pending exits and plates of one confusion form, so
 each script stays on one Redis Cluster slot while the indexes (occupancy,
 sweeps, misread lookups) stay exact and atomic.
 
+A plate may have several exits waiting for their entries (a repeat visitor
+whose entries are held up): they wait side by side in one hash per plate, and
+an entry completes the one that fits its time, so each visit is billed for
+its own stay.
+
 Exits declared unmatched and visits closed as orphans by a sweep move, in the
 same step that takes them, into the bucket's review outbox; they leave it only
 once the summary API has them, so a crash or an API outage loses none.
@@ -48,24 +53,75 @@ _US = timedelta(microseconds=1)
 # Times travel as integer microseconds in strings: Lua numbers are doubles,
 # exact to 2**53, and cjson would print them with 14 digits, so they are
 # compared with tonumber() but never re-encoded.
-_ENTER = """
-local visit_key, exit_key, seen_key, open_key, pending_key = unpack(KEYS)
+#
+# A plate's pending exits are one hash, exit id -> {plate, at, due[, why]}
+# (``due``: when the grace period ends, in processing time). The bucket's
+# pending index scores the plate with the earliest due among them, so a sweep
+# finds it as soon as the first one is due; every step that adds or takes an
+# exit scores it again from what is left.
+_PENDING = """
+local function rescore(exits_key, pending_key, member)
+  local earliest
+  for _, raw in ipairs(redis.call('HVALS', exits_key)) do
+    local due = cjson.decode(raw).due
+    if not earliest or tonumber(due) < tonumber(earliest) then earliest = due end
+  end
+  if earliest then
+    redis.call('ZADD', pending_key, earliest, member)
+  else
+    redis.call('ZREM', pending_key, member)
+  end
+end
+"""
+
+_ENTER = (
+    _PENDING
+    + """
+local visit_key, exits_key, seen_key, open_key, pending_key, last_key = unpack(KEYS)
 local entered_key, similar_key = KEYS[7], KEYS[8]
 local id, plate, at_s, member = ARGV[1], ARGV[2], ARGV[3], ARGV[8]
 local at, dup, skew = tonumber(at_s), tonumber(ARGV[4]), tonumber(ARGV[5])
 local first = redis.call('GET', seen_key)
 if first then return '{"o":"duplicate","first":' .. first .. '}' end
 local this = {id=id, plate=plate, at=at_s}
-local pending = redis.call('HMGET', exit_key, 'id', 'plate', 'at')
+
+-- The exit this entry completes: the first one at or after it; failing
+-- that, the last one stamped at most the clock skew before it. Of two
+-- exits of a repeat visitor, the earlier entry so takes the earlier exit.
+local exits = redis.call('HGETALL', exits_key)
+local after_id, after, after_at, skewed_id, skewed, skewed_at
+for i = 1, #exits, 2 do
+  local exit_id, record = exits[i], cjson.decode(exits[i + 1])
+  local exit_at = tonumber(record.at)
+  if exit_at >= at then
+    if not after or exit_at < after_at
+       or (exit_at == after_at and exit_id < after_id) then
+      after_id, after, after_at = exit_id, record, exit_at
+    end
+  elseif exit_at >= at - skew then
+    if not skewed or exit_at > skewed_at
+       or (exit_at == skewed_at and exit_id < skewed_id) then
+      skewed_id, skewed, skewed_at = exit_id, record, exit_at
+    end
+  end
+end
+local pending_id, pending = after_id, after
+if not pending then pending_id, pending = skewed_id, skewed end
+
 local visit = redis.call('HMGET', visit_key, 'id', 'plate', 'at')
 local entered = tonumber(redis.call('GET', entered_key))
 local result
-if pending[1] and tonumber(pending[3]) >= at - skew then
-  redis.call('DEL', exit_key)
-  redis.call('ZREM', pending_key, member)
-  if dup > 0 then redis.call('SET', entered_key, at_s, 'EX', ARGV[10]) end
+if pending then
+  redis.call('HDEL', exits_key, pending_id)
+  rescore(exits_key, pending_key, member)
+  if dup > 0 then
+    redis.call('SET', entered_key, at_s, 'EX', ARGV[10])
+    -- The exit camera's second read may still be on its way: it is the
+    -- same exit, not one more waiting for an entry.
+    redis.call('SET', last_key, pending.at, 'EX', ARGV[10])
+  end
   result = cjson.encode({o='matched', entry=this,
-    exit={id=pending[1], plate=pending[2], at=pending[3]}})
+    exit={id=pending_id, plate=pending.plate, at=pending.at}})
 elseif visit[1] and math.abs(at - tonumber(visit[3])) <= dup then
   result = cjson.encode({o='duplicate_read'})
 elseif entered and math.abs(at - entered) <= dup then
@@ -88,9 +144,12 @@ end
 redis.call('SET', seen_key, result, 'EX', ARGV[6])
 return result
 """
+)
 
-_LEAVE = """
-local visit_key, exit_key, seen_key, open_key, pending_key, last_key = unpack(KEYS)
+_LEAVE = (
+    _PENDING
+    + """
+local visit_key, exits_key, seen_key, open_key, pending_key, last_key = unpack(KEYS)
 local entered_key, similar_key = KEYS[7], KEYS[8]
 local id, plate, at_s, member = ARGV[1], ARGV[2], ARGV[3], ARGV[8]
 local at, dup, skew = tonumber(at_s), tonumber(ARGV[4]), tonumber(ARGV[5])
@@ -143,6 +202,14 @@ local function misread_candidates()
   return found
 end
 
+-- A second read of any exit of this plate still waiting for its entry.
+local function repeats_a_pending_exit()
+  for _, raw in ipairs(redis.call('HVALS', exits_key)) do
+    if math.abs(at - tonumber(cjson.decode(raw).at)) <= dup then return true end
+  end
+  return false
+end
+
 local visit = redis.call('HMGET', visit_key, 'id', 'plate', 'at')
 local result
 if visit[1] and at >= tonumber(visit[3]) - skew then
@@ -151,10 +218,9 @@ if visit[1] and at >= tonumber(visit[3]) - skew then
     entry={id=visit[1], plate=visit[2], at=visit[3]}, exit=this})
 else
   local last = redis.call('GET', last_key)
-  local pending = redis.call('HMGET', exit_key, 'id', 'plate', 'at')
   local found = {}
   local repeated = (last and math.abs(at - tonumber(last)) <= dup)
-     or (pending[1] and math.abs(at - tonumber(pending[3])) <= dup)
+     or repeats_a_pending_exit()
   -- An open visit of this very plate that the exit cannot close (stamped
   -- long before it) says the plate was read right: no misread to look for.
   if not repeated and not visit[1] then found = misread_candidates() end
@@ -168,42 +234,69 @@ else
     result = cjson.encode({o='matched', m='fuzzy',
       entry={id=v[1], plate=v[2], at=v[3]}, exit=this})
   else
-    redis.call('DEL', exit_key)
-    redis.call('HSET', exit_key, 'id', id, 'plate', plate, 'at', at_s)
-    if #found > 1 then redis.call('HSET', exit_key, 'why', 'ambiguous') end
-    redis.call('EXPIRE', exit_key, ARGV[10])
-    redis.call('ZADD', pending_key, ARGV[9], member)
+    -- Beside the plate's other pending exits, if any: each waits for the
+    -- entry that fits its own time.
+    local record = {plate=plate, at=at_s, due=ARGV[9]}
+    if #found > 1 then record.why = 'ambiguous' end
+    redis.call('HSET', exits_key, id, cjson.encode(record))
+    redis.call('EXPIRE', exits_key, ARGV[10])
+    rescore(exits_key, pending_key, member)
     local out = {o='pending'}
     if #found > 1 then out.ambiguous = #found; out.exit = this end
-    if pending[1] then
-      out.superseded = {id=pending[1], plate=pending[2], at=pending[3]}
-    end
     result = cjson.encode(out)
   end
 end
 redis.call('SET', seen_key, result, 'EX', ARGV[6])
 return result
 """
+)
 
-# Moves one record into the review outbox if its index score is still due;
-# the score check makes a concurrent sweep, or a match that came in between,
-# harmless. The outbox entry is keyed by kind and event id: taking it again
-# would overwrite it with itself.
+# Moves one stale visit into the review outbox if its index score is still
+# due; the score check makes a concurrent sweep, or an exit that came in
+# between, harmless. The outbox entry is keyed by kind and event id: taking
+# it again would overwrite it with itself. Replies with the items taken.
 _TAKE_DUE = """
 local record_key, index_key, outbox_key, similar_key = unpack(KEYS)
 local member, due, kind, lot, why = unpack(ARGV)
 local score = redis.call('ZSCORE', index_key, member)
-if not score or tonumber(score) > tonumber(due) then return false end
+if not score or tonumber(score) > tonumber(due) then return {} end
 local fields = redis.call('HMGET', record_key, 'id', 'plate', 'at', 'why')
 redis.call('DEL', record_key)
 redis.call('ZREM', index_key, member)
 if similar_key then redis.call('SREM', similar_key, member) end
-if not fields[1] then return false end
+if not fields[1] then return {} end
 local item = cjson.encode({k=kind, lot=lot, id=fields[1], plate=fields[2],
   at=fields[3], why=fields[4] or why})
 redis.call('HSET', outbox_key, kind .. ':' .. fields[1], item)
-return item
+return {item}
 """
+
+# The same for a plate's pending exits: each whose own grace period is over
+# goes to the outbox, the others keep waiting and score the plate again.
+# An exit matched in between is no longer in the hash, so it is not taken.
+_TAKE_DUE_EXITS = (
+    _PENDING
+    + """
+local exits_key, pending_key, outbox_key = unpack(KEYS)
+local member, due, kind, lot, why = unpack(ARGV)
+local score = redis.call('ZSCORE', pending_key, member)
+if not score or tonumber(score) > tonumber(due) then return {} end
+local exits = redis.call('HGETALL', exits_key)
+local taken = {}
+for i = 1, #exits, 2 do
+  local id, record = exits[i], cjson.decode(exits[i + 1])
+  if tonumber(record.due) <= tonumber(due) then
+    redis.call('HDEL', exits_key, id)
+    local item = cjson.encode({k=kind, lot=lot, id=id, plate=record.plate,
+      at=record.at, why=record.why or why})
+    redis.call('HSET', outbox_key, kind .. ':' .. id, item)
+    taken[#taken + 1] = item
+  end
+end
+rescore(exits_key, pending_key, member)
+return taken
+"""
+)
 
 
 class Outcome(StrEnum):
@@ -224,8 +317,6 @@ class Transition:
     exit: Visit | None = None
     #: A visit closed without an exit (re-entry), or a late entry with no home.
     orphan: Visit | None = None
-    #: An earlier pending exit of the same plate, replaced by this one.
-    superseded: Visit | None = None
     #: For a duplicate delivery: what the first delivery did.
     first: Transition | None = None
     #: How a matched exit found its entry.
@@ -241,7 +332,6 @@ class Transition:
             entry=_visit(data.get("entry"), lot),
             exit=_visit(data.get("exit"), lot),
             orphan=_visit(data.get("orphan"), lot),
-            superseded=_visit(data.get("superseded"), lot),
             first=cls.from_json(first, lot) if first else None,
             match=Match(data.get("m", Match.EXACT)),
             ambiguous=int(data.get("ambiguous", 0)),
@@ -282,6 +372,7 @@ class RedisVisitStore:
         self._enter = client.register_script(_ENTER)
         self._leave = client.register_script(_LEAVE)
         self._take_due = client.register_script(_TAKE_DUE)
+        self._take_due_exits = client.register_script(_TAKE_DUE_EXITS)
 
     def enter(self, event: CameraEvent, now: datetime) -> Transition:
         return self._step(self._enter, event, now)
@@ -297,7 +388,9 @@ class RedisVisitStore:
         member = event.plate_key
         keys = [
             f"{tag}:visit:{lot}:{member}",
-            f"{tag}:exit:{lot}:{member}",
+            # "exits", not the "exit" of the one-exit-per-plate records
+            # before it: those are never read again and expire.
+            f"{tag}:exits:{lot}:{member}",
             # Entry and exit cameras (and car parks) may number their events
             # independently: an id is unique within its kind and car park.
             f"{tag}:event:{event.kind}:{event.lot_id}:{event.id}",
@@ -331,9 +424,9 @@ class RedisVisitStore:
         self, now: datetime, limit: int = 1000
     ) -> list[UnmatchedExit]:
         """Pending exits whose grace period is over, each taken once into the
-        review outbox (and returned)."""
+        review outbox (and returned); a plate's other exits keep waiting."""
         taken = self._take(
-            "pending", "exit", "unmatched", UnmatchedWhy.GRACE_EXPIRED,
+            "pending", "exits", "unmatched", UnmatchedWhy.GRACE_EXPIRED,
             _micros(now), limit,
         )  # fmt: skip
         return [item for item in taken if isinstance(item, UnmatchedExit)]
@@ -367,14 +460,16 @@ class RedisVisitStore:
                         f"{tag}:{index}:{lot}",
                         f"{tag}:outbox",
                     ]
+                    script = self._take_due
                     if record == "visit":
                         form = confusion_form(member)
                         keys.append(f"{tag}:similar:{lot}:{form}")
-                    self._take_due(
-                        keys=keys, args=[member, due, kind, lot, why], client=take
-                    )
-            replies = take.execute() if len(take) else []
-        return [_review(json.loads(raw)) for raw in replies if raw]
+                    else:
+                        script = self._take_due_exits
+                    script(keys=keys, args=[member, due, kind, lot, why], client=take)
+            # Each reply lists what one record (or one plate's exits) gave up.
+            replies = cast("list[list[bytes]]", take.execute() if len(take) else [])
+        return [_review(json.loads(raw)) for items in replies for raw in items]
 
     def waiting_reviews(self, limit: int = 1000) -> list[Review]:
         """Review records taken by a sweep and not yet handed to the API."""
@@ -398,7 +493,8 @@ class RedisVisitStore:
                 pipe.execute()
 
     def counts(self) -> dict[str, int]:
-        """Open visits (occupancy) and exits waiting for their entry, in all lots."""
+        """Open visits (occupancy) and plates with exits waiting for their
+        entry, in all lots."""
         by_lot = self.counts_by_lot()
         return {
             "open": sum(lot["open"] for lot in by_lot.values()),
@@ -406,7 +502,14 @@ class RedisVisitStore:
         }
 
     def counts_by_lot(self) -> dict[str, dict[str, int]]:
-        """Open visits and pending exits of each car park."""
+        """Open visits and plates with pending exits of each car park.
+
+        The pending figure counts plates, one index member each: a plate with
+        two exits waiting (a repeat visitor whose entries are late) counts
+        once. Counting exits would read every plate's hash, or keep a counter
+        that an exit hash expiring unswept would leave wrong; plates with more
+        than one pending exit are rare enough for the gauge.
+        """
         with _redis_errors():
             pipe = self._redis.pipeline(transaction=False)
             for lot in self._lots:

@@ -315,11 +315,6 @@ def test_sweeps_racing_matches_give_each_stay_one_fate(api_server: ApiServer) ->
     assert runtime.store().counts() == {"open": len(unmatched), "pending": 0}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="one pending exit per plate: a second exit supersedes the first and "
-    "the first entry pairs with the later exit (report: adversarial h9)",
-)
 def test_a_repeat_visitor_whose_exits_came_first_gets_two_right_stays(
     api_server: ApiServer,
 ) -> None:

@@ -61,6 +61,10 @@ def _exit(
     return _event(EventKind.EXIT, event_id, at, plate, lot)
 
 
+def _micros(at: datetime) -> int:
+    return (at - datetime(1970, 1, 1, tzinfo=UTC)) // US
+
+
 def _visit(event: CameraEvent) -> Visit:
     return Visit(event.id, event.plate, event.at, event.lot_id)
 
@@ -224,15 +228,160 @@ def test_a_second_read_of_a_matched_exit_within_the_window_is_one_event(
     assert store.counts() == {"open": 0, "pending": 0}
 
 
+def test_a_second_read_of_an_exit_an_entry_completed_is_one_event(
+    store: RedisVisitStore,
+) -> None:
+    store.leave(_exit("x1", T + timedelta(hours=1)), NOW)
+    store.enter(_entry("e1", T), NOW)
+
+    twice = store.leave(_exit("x2", T + timedelta(hours=1, seconds=2)), NOW)
+
+    assert twice.outcome is Outcome.DUPLICATE_READ
+    assert store.counts() == {"open": 0, "pending": 0}
+
+
 def test_reads_further_apart_than_the_window_are_separate_events(
     store: RedisVisitStore,
 ) -> None:
-    store.leave(_exit("x1", T), NOW)
+    first, later = _exit("x1", T), _exit("x2", T + timedelta(seconds=6))
+    store.leave(first, NOW)
 
-    later = store.leave(_exit("x2", T + timedelta(seconds=6)), NOW)
+    second = store.leave(later, NOW)
 
-    assert later == Transition(Outcome.PENDING, superseded=_visit(_exit("x1", T)))
+    assert second == Transition(Outcome.PENDING)
+    expired = store.take_expired_exits(NOW + POLICY.grace)
+    assert sorted(expired, key=lambda u: u.exit.event_id) == [
+        _unmatched(first),
+        _unmatched(later),
+    ]
+
+
+# -- several pending exits of one plate --------------------------------------
+
+#: A repeat visitor: in at 08:00, out at 09:00, in at 10:00, out at 11:00.
+VISITS = [
+    (_entry("e1", T), _exit("x1", T + timedelta(hours=1))),
+    (_entry("e2", T + timedelta(hours=2)), _exit("x2", T + timedelta(hours=3))),
+]
+
+
+def test_two_exits_of_one_plate_both_wait_for_their_entries(
+    store: RedisVisitStore,
+) -> None:
+    left = [store.leave(exit_, NOW) for _, exit_ in VISITS]
+
+    assert left == [Transition(Outcome.PENDING), Transition(Outcome.PENDING)]
+    # The pending figure counts plates: one plate, two exits.
     assert store.counts() == {"open": 0, "pending": 1}
+    assert store.take_expired_exits(NOW + POLICY.grace - US) == []
+
+
+@pytest.mark.parametrize(
+    "order",
+    [
+        pytest.param([0, 1], id="entries-in-order"),
+        pytest.param([1, 0], id="later-entry-first"),
+    ],
+)
+def test_entries_after_both_exits_each_complete_their_own_exit(
+    store: RedisVisitStore, order: list[int]
+) -> None:
+    for _, exit_ in VISITS:
+        store.leave(exit_, NOW)
+
+    matched = {n: store.enter(VISITS[n][0], NOW) for n in order}
+
+    for n, (entry, exit_) in enumerate(VISITS):
+        assert matched[n] == Transition(
+            Outcome.MATCHED, entry=_visit(entry), exit=_visit(exit_)
+        )
+    assert store.counts() == {"open": 0, "pending": 0}
+    assert store.take_expired_exits(NOW + timedelta(days=1)) == []
+
+
+def test_an_entry_earlier_than_both_exits_takes_the_earlier_one(
+    store: RedisVisitStore,
+) -> None:
+    # Exits at 09:00 and 11:00 (stored in the other order), an entry at 07:00.
+    for _, exit_ in reversed(VISITS):
+        store.leave(exit_, NOW)
+    early = _entry("e0", T - timedelta(hours=1))
+
+    matched = store.enter(early, NOW)
+
+    assert matched.exit == _visit(VISITS[0][1])
+    # The later exit still waits for the entry at 10:00.
+    assert store.counts() == {"open": 0, "pending": 1}
+    assert store.enter(VISITS[1][0], NOW).exit == _visit(VISITS[1][1])
+
+
+def test_an_entry_after_every_exit_takes_the_latest_one_within_the_skew(
+    store: RedisVisitStore,
+) -> None:
+    early = _exit("x1", T - POLICY.clock_skew)
+    late = _exit("x2", T - timedelta(seconds=30))
+    store.leave(early, NOW)
+    store.leave(late, NOW)
+
+    skewed = store.enter(_entry("e1", T), NOW)
+    beyond = store.enter(_entry("e2", T + timedelta(seconds=10)), NOW)
+
+    assert skewed.outcome is Outcome.MATCHED
+    assert skewed.exit == _visit(late)
+    # The one left is now more than the skew before the next entry.
+    assert beyond == Transition(Outcome.OPENED)
+    assert store.take_expired_exits(NOW + POLICY.grace) == [_unmatched(early)]
+
+
+@pytest.mark.parametrize("of", [0, 1], ids=["first-exit", "second-exit"])
+def test_a_second_read_of_either_pending_exit_is_one_event(
+    store: RedisVisitStore, of: int
+) -> None:
+    for _, exit_ in VISITS:
+        store.leave(exit_, NOW)
+    read = VISITS[of][1]
+
+    again = store.leave(_exit("x9", read.at + timedelta(seconds=2)), NOW)
+
+    assert again.outcome is Outcome.DUPLICATE_READ
+    expired = store.take_expired_exits(NOW + POLICY.grace)
+    assert sorted(u.exit.event_id for u in expired) == ["x1", "x2"]
+
+
+def test_a_sweep_takes_only_the_exits_whose_own_grace_is_over(
+    store: RedisVisitStore, store_redis: redis.Redis
+) -> None:
+    (_, first), (entry, second) = VISITS
+    store.leave(first, NOW)
+    store.leave(second, NOW + timedelta(seconds=20))
+    [index] = store_redis.scan_iter(match="*:pending:*")
+
+    expired = store.take_expired_exits(NOW + POLICY.grace)
+
+    assert expired == [_unmatched(first)]
+    # The plate is due again when the exit left behind is.
+    later_due = NOW + timedelta(seconds=20) + POLICY.grace
+    assert store_redis.zscore(index, "AB123") == _micros(later_due)
+    assert store.take_expired_exits(later_due - US) == []
+    assert store.enter(entry, NOW).exit == _visit(second)
+    assert store_redis.zcard(index) == 0
+
+
+def test_a_match_scores_the_plate_by_the_exit_left_behind(
+    store: RedisVisitStore, store_redis: redis.Redis
+) -> None:
+    (entry, first), (_, second) = VISITS
+    store.leave(first, NOW)
+    store.leave(second, NOW + timedelta(seconds=20))
+    [index] = store_redis.scan_iter(match="*:pending:*")
+
+    store.enter(entry, NOW)
+
+    later_due = NOW + timedelta(seconds=20) + POLICY.grace
+    assert store_redis.zscore(index, "AB123") == _micros(later_due)
+    assert store.take_expired_exits(later_due - US) == []
+    assert store.take_expired_exits(later_due) == [_unmatched(second)]
+    assert store.counts() == {"open": 0, "pending": 0}
 
 
 def test_a_reentry_without_an_exit_orphans_the_old_visit(
@@ -402,10 +551,11 @@ def test_every_key_but_open_visits_and_indexes_expires(
     # that is left of them, with their indexes; the review outbox empties
     # as the API takes its records; everything else is bounded by its TTL.
     assert kinds.get("visit") == 1
-    assert kinds.get("exit") == 1
+    assert kinds.get("exits") == 1
     assert kinds.get("event", 0) >= 15
-    # The exact exit's plate, and the misread exit's plate and its visit's.
-    assert kinds.get("last") == 3
+    # The exact exit's plate, the misread exit's plate and its visit's, and
+    # the plate whose waiting exit a late entry completed.
+    assert kinds.get("last") == 4
     assert kinds.get("similar") == 1
     [similar] = store_redis.scan_iter(match="*:similar:*")
     assert store_redis.smembers(similar) == {b"STILLIN"}
@@ -427,7 +577,7 @@ def test_bookkeeping_keys_live_as_long_as_the_policy_says(
     week = int(POLICY.event_ttl.total_seconds())
     assert week - 5 <= ttls["event"] <= week
     # A pending exit outlives its grace period until a sweep can take it.
-    assert ttls["exit"] > POLICY.grace.total_seconds()
+    assert ttls["exits"] > POLICY.grace.total_seconds()
 
 
 @pytest.fixture

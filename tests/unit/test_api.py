@@ -451,7 +451,7 @@ async def test_unmatched_exits_are_kept_once_per_event_and_listed_newest_first(
 ) -> None:
     posted = [
         await client.post("/unmatched", json=_unmatched("x1")),
-        await client.post("/unmatched", json=_unmatched("x1", why="superseded")),
+        await client.post("/unmatched", json=_unmatched("x1", why="ambiguous")),
         await client.post("/unmatched", json=_unmatched("=x2", why="ambiguous")),
     ]
     listed = (await client.get("/unmatched", params={"limit": 1})).json()
@@ -471,6 +471,27 @@ async def test_unmatched_exits_are_kept_once_per_event_and_listed_newest_first(
     written = settings.summary_csv.with_name("unmatched.csv")
     assert [r["event_id"] for r in _records(written)] == ["x1", "'=x2"]
     assert _records(settings.summary_csv) == []
+
+
+async def test_unmatched_rows_of_a_reason_no_longer_given_are_still_listed(
+    settings: Settings,
+) -> None:
+    # Before a plate could keep several pending exits, a later exit
+    # "superseded" an earlier one; files written then still hold such rows.
+    written = settings.summary_csv.with_name("unmatched.csv")
+    written.write_text(
+        "event_id,lot_id,vehicle_plate,exit_date_time,why\n"
+        "x0,main,AB-123,2024-09-11T21:24:57Z,superseded\n"
+    )
+
+    async with serving(_app(settings)) as client:
+        posted = await client.post("/unmatched", json=_unmatched("x0"))
+        listed = (await client.get("/unmatched")).json()
+
+    assert posted.status_code == 200
+    assert [(i["event_id"], i["why"]) for i in listed["items"]] == [
+        ("x0", "superseded")
+    ]
 
 
 async def test_orphaned_visits_are_kept_once_per_event_and_listed(

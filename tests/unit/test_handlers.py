@@ -253,39 +253,28 @@ def test_a_redelivery_of_what_posts_nothing_does_nothing_again(
 
 
 @pytest.mark.parametrize(
-    ("first", "unmatched", "orphans"),
+    ("first", "orphans"),
     [
         pytest.param(
             Transition(Outcome.OPENED, orphan=ENTRY),
-            [],
             [OrphanedVisit(ENTRY, OrphanCause.REENTRY)],
             id="reentry",
         ),
         pytest.param(
             Transition(Outcome.ORPHANED, orphan=ENTRY),
-            [],
             [OrphanedVisit(ENTRY, OrphanCause.LATE_ENTRY)],
             id="late-entry",
-        ),
-        pytest.param(
-            Transition(Outcome.PENDING, superseded=EXIT),
-            [UnmatchedExit(EXIT, UnmatchedWhy.SUPERSEDED)],
-            [],
-            id="superseded",
         ),
     ],
 )
 def test_a_redelivery_posts_the_review_records_again_but_counts_nothing(
-    rig: Rig,
-    first: Transition,
-    unmatched: list[UnmatchedExit],
-    orphans: list[OrphanedVisit],
+    rig: Rig, first: Transition, orphans: list[OrphanedVisit]
 ) -> None:
     rig.store.script = [Transition(Outcome.DUPLICATE, first=first)]
 
     rig.handler(EventKind.ENTRY).process_message(_entry())
 
-    assert rig.sink.unmatched == unmatched
+    assert rig.sink.unmatched == []
     assert rig.sink.orphans == orphans
     assert rig.sample("parking_exits_unmatched_total") == 0
     assert rig.sample("parking_visits_orphaned_total", cause="reentry") == 0
@@ -368,20 +357,6 @@ def test_a_late_earlier_entry_is_orphaned_at_info(
     assert rig.sink.orphans == [OrphanedVisit(late, OrphanCause.LATE_ENTRY)]
     assert _messages(info_logs, logging.INFO) == [
         "visit orphaned cause=late_entry plate=ab-123 event=e0"
-    ]
-
-
-def test_a_superseded_pending_exit_is_unmatched_at_info(
-    rig: Rig, info_logs: pytest.LogCaptureFixture
-) -> None:
-    rig.store.script = [Transition(Outcome.PENDING, superseded=EXIT)]
-
-    rig.handler(EventKind.EXIT).process_message(_exit("x2"))
-
-    assert rig.sample("parking_exits_unmatched_total") == 1
-    assert rig.sink.unmatched == [UnmatchedExit(EXIT, UnmatchedWhy.SUPERSEDED)]
-    assert _messages(info_logs, logging.INFO) == [
-        "exit unmatched plate=AB 123 event=x1 why=superseded"
     ]
 
 
