@@ -127,6 +127,9 @@ class Settings(BaseSettings):
     sweep_interval_seconds: float = Field(default=5.0, gt=0)
     #: Bookkeeping of processed event ids lives this long (redelivery window).
     event_ttl_seconds: int = Field(default=24 * 3600, ge=60)
+    #: A note that a consumer holds an entry (``parking.inflight``) older
+    #: than this is a dead consumer's leftover; its message was redelivered.
+    inflight_horizon_seconds: int = Field(default=900, ge=60)
 
     retry_max: int = Field(default=60, ge=0)
     retry_backoff_cap_seconds: int = Field(default=60, ge=1)

@@ -416,7 +416,7 @@ class RedisVisitStore:
             lot,
             policy.misread_max_positions,
         ]
-        with _redis_errors():
+        with redis_errors():
             raw = script(keys=keys, args=args)
         return Transition.from_json(json.loads(raw), lot)
 
@@ -445,7 +445,7 @@ class RedisVisitStore:
         self, index: str, record: str, kind: str, why: str, due: int, limit: int
     ) -> list[Review]:
         places = [(self._bucket(b), lot) for b in range(BUCKETS) for lot in self._lots]
-        with _redis_errors():
+        with redis_errors():
             scan = self._redis.pipeline(transaction=False)
             for tag, lot in places:
                 scan.zrangebyscore(f"{tag}:{index}:{lot}", "-inf", due, 0, limit)
@@ -473,7 +473,7 @@ class RedisVisitStore:
 
     def waiting_reviews(self, limit: int = 1000) -> list[Review]:
         """Review records taken by a sweep and not yet handed to the API."""
-        with _redis_errors():
+        with redis_errors():
             pipe = self._redis.pipeline(transaction=False)
             for bucket in range(BUCKETS):
                 pipe.hvals(f"{self._bucket(bucket)}:outbox")
@@ -483,7 +483,7 @@ class RedisVisitStore:
 
     def reviewed(self, items: Iterable[Review]) -> None:
         """Forget review records the API has written."""
-        with _redis_errors():
+        with redis_errors():
             pipe = self._redis.pipeline(transaction=False)
             for item in items:
                 visit = item.exit if isinstance(item, UnmatchedExit) else item.entry
@@ -510,7 +510,7 @@ class RedisVisitStore:
         that an exit hash expiring unswept would leave wrong; plates with more
         than one pending exit are rare enough for the gauge.
         """
-        with _redis_errors():
+        with redis_errors():
             pipe = self._redis.pipeline(transaction=False)
             for lot in self._lots:
                 for bucket in range(BUCKETS):
@@ -526,7 +526,7 @@ class RedisVisitStore:
         return counts
 
     def ping(self) -> bool:
-        with _redis_errors():
+        with redis_errors():
             return bool(self._redis.ping())
 
     def _tag(self, form: str) -> str:
@@ -560,7 +560,7 @@ def _review(data: dict[str, str]) -> Review:
 
 
 @contextmanager
-def _redis_errors() -> Iterator[None]:
+def redis_errors() -> Iterator[None]:
     try:
         yield
     except (redis.ConnectionError, redis.TimeoutError) as exc:

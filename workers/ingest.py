@@ -5,6 +5,12 @@ same handlers as the Celery tasks. A message is acked only after its event is
 applied; bad input is rejected to the dead letters; when a dependency is down
 the event is handed to the Celery task with a countdown, whose retries take it
 from there, and only then acked (publisher confirms make that hand-over safe).
+
+Unlike a Celery worker, this consumer does not note the entries it holds in
+``parking.inflight``: it handles each message as it reads it, in order, so a
+prefetched entry waits behind at most ``prefetch`` others of a millisecond
+each. Only a Redis stall makes that wait long, and the sweep, which needs
+Redis as well, stalls with it.
 """
 
 from __future__ import annotations

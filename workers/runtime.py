@@ -10,6 +10,7 @@ import redis
 from parking.clock import SystemClock
 from parking.generators import EventGenerator, Publish
 from parking.handlers import EntryEventProcessor, ExitEventProcessor
+from parking.inflight import InFlightEntries
 from parking.lots import Lots, lots_from_settings
 from parking.metrics import ParkingMetrics, default_metrics
 from parking.settings import Settings, get_settings
@@ -41,14 +42,19 @@ def lots() -> Lots:
 
 
 @cache
-def store() -> RedisVisitStore:
+def store_redis() -> redis.Redis:
     conf = settings()
-    client = redis.Redis.from_url(
+    return redis.Redis.from_url(
         conf.redis_connection_url(conf.redis_db_store),
         socket_timeout=5,
         socket_connect_timeout=2,
         health_check_interval=30,
     )
+
+
+@cache
+def store() -> RedisVisitStore:
+    conf = settings()
     policy = LedgerPolicy(
         duplicate_window=timedelta(seconds=conf.duplicate_window_seconds),
         clock_skew=timedelta(seconds=conf.clock_skew_seconds),
@@ -56,7 +62,16 @@ def store() -> RedisVisitStore:
         event_ttl=timedelta(seconds=conf.event_ttl_seconds),
         misread_max_positions=conf.misread_max_positions,
     )
-    return RedisVisitStore(client, policy, prefix=conf.queue_prefix, lots=lots().names)
+    return RedisVisitStore(
+        store_redis(), policy, prefix=conf.queue_prefix, lots=lots().names
+    )
+
+
+@cache
+def inflight() -> InFlightEntries:
+    conf = settings()
+    horizon = timedelta(seconds=conf.inflight_horizon_seconds)
+    return InFlightEntries(store_redis(), prefix=conf.queue_prefix, horizon=horizon)
 
 
 @cache
@@ -81,10 +96,15 @@ def exit_processor() -> ExitEventProcessor:
     return ExitEventProcessor(store(), sink(), SystemClock(), _metrics(), lots())
 
 
-@cache
-def sweeper() -> Sweeper:
+def entries_on_their_way() -> int:
+    """Entries still queued (ready or delayed), and entries a worker holds."""
     from workers.topology import entry_backlog
 
+    return entry_backlog(settings()) + inflight().count()
+
+
+@cache
+def sweeper() -> Sweeper:
     max_stay = timedelta(hours=settings().max_stay_hours)
     return Sweeper(
         store(),
@@ -93,7 +113,7 @@ def sweeper() -> Sweeper:
         _metrics(),
         lots(),
         max_stay,
-        entry_backlog=lambda: entry_backlog(settings()),
+        entry_backlog=entries_on_their_way,
     )
 
 
@@ -122,7 +142,9 @@ def reset() -> None:
     """Forget every collaborator: a forked child must open its own sockets."""
     for factory in (
         lots,
+        store_redis,
         store,
+        inflight,
         sink,
         entry_processor,
         exit_processor,

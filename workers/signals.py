@@ -9,11 +9,13 @@ from typing import Any
 from celery import bootsteps
 from celery.signals import (
     after_setup_logger,
+    task_received,
     worker_process_init,
     worker_process_shutdown,
 )
 from prometheus_client import multiprocess
 
+from parking.errors import StoreUnavailable
 from parking.settings import get_settings
 from workers import metrics as _celery_metrics  # noqa: F401 (signal handlers)
 from workers import runtime
@@ -26,6 +28,19 @@ logger = logging.getLogger(__name__)
 @worker_process_init.connect
 def _fresh_collaborators(**_: Any) -> None:
     runtime.reset()
+
+
+@task_received.connect
+def _note_entry_held(request: Any = None, **_: Any) -> None:
+    # Sent by the consumer as soon as a message reaches the worker, prefetched
+    # ahead of a free pool slot or not; the task forgets the note when done.
+    if request is None or request.name != "parking.process_entry":
+        return
+    try:
+        runtime.inflight().received(request.id)
+    except StoreUnavailable as exc:
+        # The entry itself waits for Redis too; so does every sweep.
+        logger.warning("entry not noted as held id=%s error=%s", request.id, exc)
 
 
 @worker_process_shutdown.connect

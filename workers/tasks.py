@@ -9,7 +9,12 @@ from celery import Task
 from celery.exceptions import Reject
 from kombu.messaging import Producer
 
-from parking.errors import InvalidEvent, SummaryRejected, TemporaryFailure
+from parking.errors import (
+    InvalidEvent,
+    StoreUnavailable,
+    SummaryRejected,
+    TemporaryFailure,
+)
 from parking.events import EventKind
 from parking.handlers import MessageHandler
 from workers import metrics as _celery_metrics  # noqa: F401 (publish signals)
@@ -54,7 +59,22 @@ def _run(task: Task, handler: MessageHandler, event: Any) -> str:
 # of three: ``retry(max_retries=None)`` would fall back to that default.
 @app.task(name="parking.process_entry", bind=True, max_retries=None)
 def process_entry(self: Task, event: Any) -> str:
-    return _run(self, runtime.entry_processor(), event)
+    try:
+        return _run(self, runtime.entry_processor(), event)
+    finally:
+        # Processed, retried (a new message, counted in its delay queue) or
+        # dead-lettered: either way no consumer holds this entry any more.
+        _forget_held_entry(self.request.id)
+
+
+def _forget_held_entry(message_id: str | None) -> None:
+    if message_id is None:  # called directly, not through a message
+        return
+    try:
+        runtime.inflight().finished(message_id)
+    except StoreUnavailable:
+        # Left behind, the note only makes sweeps wait until its horizon.
+        logger.warning("held entry not forgotten id=%s", message_id)
 
 
 @app.task(name="parking.process_exit", bind=True, max_retries=None)

@@ -12,10 +12,13 @@ orphaned after the maximum stay.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
+import redis
+from celery.contrib.testing.worker import start_worker
 from kombu.connection import Connection
 from kombu.entity import Queue
 from kombu.transport.native_delayed_delivery import (
@@ -24,10 +27,12 @@ from kombu.transport.native_delayed_delivery import (
     level_name,
 )
 
+from parking.inflight import InFlightEntries
 from parking.settings import get_settings
 from parking.sweeper import Sweeper
 from tests.services import ApiServer, wait_until
 from workers import runtime, topology
+from workers.app import app
 from workers.tasks import process_entry
 
 pytestmark = pytest.mark.integration
@@ -62,7 +67,7 @@ def _sweeper() -> Sweeper:
         runtime._metrics(),
         runtime.lots(),
         timedelta(hours=settings.max_stay_hours),
-        entry_backlog=lambda: topology.entry_backlog(settings),
+        entry_backlog=runtime.entries_on_their_way,
     )
 
 
@@ -119,30 +124,59 @@ def test_exit_waits_while_its_entry_waits_for_a_retry(
     assert held.pending_exits == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="entry_backlog counts ready messages only; an entry prefetched "
-    "and not yet acked by a busy worker is not seen (report: adversarial h9)",
-)
+#: Set by the test to let the worker's only pool thread go.
+_release = threading.Event()
+_holding = threading.Event()
+
+
+@app.task(name="tests.hold_the_worker")
+def _hold_the_worker() -> None:
+    _holding.set()
+    _release.wait(60)
+
+
 def test_exit_waits_while_a_busy_worker_holds_its_entry(
     api_server: ApiServer,
 ) -> None:
     settings = get_settings()
+    entry_queue = settings.queue("entry")
     runtime.exit_processor().process_message(EXIT)
-    process_entry.delay(ENTRY)
-    wait_until(lambda: topology.entry_backlog(settings) == 1)
-    with Connection(settings.broker_connection_url) as conn:
-        queue = Queue(
-            settings.queue("entry"),
-            queue_arguments=topology.queue_arguments(settings),
-        ).bind(conn.default_channel)
-        # What a worker's prefetch does: delivered, not yet acknowledged.
-        held_by_worker = queue.get(no_ack=False)
-        assert held_by_worker is not None
+    _release.clear()
+    _holding.clear()
+    # Threads, not solo: the consumer keeps taking messages (prefetch) while
+    # its one pool thread is busy, as a prefork worker's main process does.
+    with start_worker(
+        app, pool="threads", concurrency=1, queues=[entry_queue],
+        perform_ping_check=False, shutdown_timeout=60.0,
+    ):  # fmt: skip
         try:
+            _hold_the_worker.apply_async(queue=entry_queue)
+            wait_until(_holding.is_set)
+            process_entry.delay(ENTRY)
+            # Taken by the worker: no longer ready in its queue.
+            wait_until(lambda: runtime.inflight().count() == 1)
+            assert topology.entry_backlog(settings) == 0
             swept = _sweeper().sweep()
         finally:
-            held_by_worker.requeue()
+            _release.set()
+        wait_until(lambda: len(api_server.rows()) == 1)
+        wait_until(lambda: runtime.inflight().count() == 0)
 
     assert swept.unmatched == 0, "exit declared unmatched while its entry waits"
     assert swept.pending_exits == 1
+    assert swept.entry_backlog == 1
+    (row,) = api_server.rows()
+    assert row["vehicle_plate"] == "RETRY1"
+    assert row["duration_seconds"] == "5400"
+
+
+def test_a_note_left_by_a_dead_worker_holds_exits_only_until_its_horizon(
+    store_redis: redis.Redis,
+) -> None:
+    held = InFlightEntries(store_redis, prefix="ptest", horizon=timedelta(minutes=15))
+    held.received("lost-with-its-worker")
+    assert held.count() == 1
+    # A quarter of an hour on, the message went back to its queue long ago.
+    store_redis.zadd("ptest:inflight:entry", {"lost-with-its-worker": 1.0})
+    assert held.count() == 0
+    assert store_redis.zcard("ptest:inflight:entry") == 0
