@@ -20,6 +20,7 @@ from typing import Any
 import click
 from rich.console import Console
 
+from parking.api.serving import LOOPS, PARSERS, choose
 from parking.benchmark import bench
 from parking.events import EventKind
 from parking.secrets import secrets_cli
@@ -138,17 +139,37 @@ def run() -> None:
 @main.command()
 @click.option("--host", envvar="PARKING_API_HOST", default=None)
 @click.option("--port", envvar="PARKING_API_PORT", type=int, default=None)
-def api(host: str | None, port: int | None) -> None:
+@click.option(
+    "--loop",
+    envvar="PARKING_API_LOOP",
+    type=click.Choice(LOOPS),
+    default="auto",
+    show_default=True,
+    help="Event loop (auto: uvloop when installed).",
+)
+@click.option(
+    "--http",
+    envvar="PARKING_API_HTTP",
+    type=click.Choice(PARSERS),
+    default="auto",
+    show_default=True,
+    help="HTTP parser (auto: httptools when installed).",
+)
+def api(host: str | None, port: int | None, loop: str, http: str) -> None:
     """Run the summary API alone (uvicorn)."""
     import uvicorn
 
     from parking.api.app import create_app
 
     settings = get_settings()
+    loop, http = choose(loop, http)
+    logging.getLogger(__name__).info("api serving loop=%s http=%s", loop, http)
     uvicorn.run(
         create_app(settings),
         host=host or settings.api_host,
         port=port or settings.api_port,
+        loop=loop,
+        http=http,
         log_level="warning",
         access_log=False,
     )
