@@ -8,16 +8,20 @@ in a CSV of its own next to the stays CSV, one row per event id.
 from __future__ import annotations
 
 import asyncio
+import codecs
 import logging
+import math
 import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import datetime
 from decimal import Decimal
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
-from fastapi import Depends, FastAPI, Header, HTTPException, Query, Response
+from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.telemetry import TelemetryConfig
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -28,10 +32,12 @@ from prometheus_client import (
 from pydantic import (
     BaseModel,
     Field,
+    ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
 )
+from pydantic_core import ErrorDetails
 
 from parking.api.ledger import (
     ORPHAN_COLUMNS,
@@ -248,7 +254,15 @@ def create_app(
             for each in started:
                 await each.stop()
 
-    app = FastAPI(title="Parking stay summaries", lifespan=lifespan)
+    # No OpenTelemetry here: without this FastAPI looks up the global tracer,
+    # meter and logger providers on every request.
+    off: TelemetryConfig = {
+        "tracing": False,
+        "metrics": False,
+        "logs": False,
+        "operation_spans": False,
+    }
+    app = FastAPI(title="Parking stay summaries", lifespan=lifespan, telemetry=off)
     app.state.ledger = ledger
 
     # Mounted apps answer /metrics with a redirect to /metrics/; a route
@@ -262,11 +276,10 @@ def create_app(
 
     # Async on purpose: a plain function dependency is run in a worker
     # thread on every request, which costs more than the check itself.
-    async def authorised(
-        authorization: Annotated[str | None, Header()] = None,
-    ) -> None:
+    async def authorised(request: Request) -> None:
         if token is None:
             return
+        authorization = request.headers.get("authorization")
         expected = f"Bearer {token.get_secret_value()}"
         if authorization is None or not secrets.compare_digest(
             authorization.encode(), expected.encode()
@@ -279,16 +292,34 @@ def create_app(
 
     reads = [Depends(authorised)] if settings.api_require_token_for_reads else []
 
-    @app.post("/summaries", status_code=201, dependencies=[Depends(authorised)])
-    async def post_summary(summary: StaySummary) -> JSONResponse:
+    async def accepted(request: Request, model: type[_Posted]) -> _Posted:
+        """The body of a post as ``model``, once the token is checked.
+
+        By hand rather than a declared body and a token dependency: FastAPI's
+        per-request work for those two costs more than the stay itself, and
+        pydantic parses and validates the JSON in one pass
+        (docs/benchmarks.md). The body is read first (413 when too large),
+        then the token checked (401), then the body parsed and validated (422):
+        nothing about a body is told to a caller without the token.
+        """
+        body = await request.body()
+        await authorised(request)
+        return _validated(model, body, request.headers.get("content-type"))
+
+    @app.post("/summaries", status_code=201, openapi_extra=_json_body(StaySummary))
+    async def post_summary(request: Request) -> Response:
         """Record one stay; posting the same stay id again changes nothing."""
+        summary = await accepted(request, StaySummary)
         written = await ledger.append(summary.row())
         logger.debug("stay posted stay=%s written=%s", summary.stay_id, written)
         if written:
             metrics.rows.inc()
-            return JSONResponse({"stay_id": summary.stay_id, "written": True}, 201)
-        metrics.duplicates.inc()
-        return JSONResponse({"stay_id": summary.stay_id, "written": False}, 200)
+        else:
+            metrics.duplicates.inc()
+        # Written out: the stay id's pattern holds nothing JSON escapes, and
+        # this costs a fraction of a JSONResponse.
+        answer = f'{{"stay_id":"{summary.stay_id}","written":{str(written).lower()}}}'
+        return Response(answer, 201 if written else 200, media_type=_JSON)
 
     @app.get("/summaries", dependencies=reads)
     async def list_summaries(limit: Limit = 100, offset: Offset = 0) -> dict[str, Any]:
@@ -308,15 +339,15 @@ def create_app(
         body = {"event_id": record.event_id, "written": written}
         return JSONResponse(body, 201 if written else 200)
 
-    @app.post("/unmatched", status_code=201, dependencies=[Depends(authorised)])
-    async def post_unmatched(record: UnmatchedRecord) -> JSONResponse:
+    @app.post("/unmatched", status_code=201, openapi_extra=_json_body(UnmatchedRecord))
+    async def post_unmatched(request: Request) -> JSONResponse:
         """Keep an exit that found no entry; its event id is written once."""
-        return await review(unmatched, record)
+        return await review(unmatched, await accepted(request, UnmatchedRecord))
 
-    @app.post("/orphans", status_code=201, dependencies=[Depends(authorised)])
-    async def post_orphan(record: OrphanRecord) -> JSONResponse:
+    @app.post("/orphans", status_code=201, openapi_extra=_json_body(OrphanRecord))
+    async def post_orphan(request: Request) -> JSONResponse:
         """Keep a visit closed without an exit; its event id is written once."""
-        return await review(orphans, record)
+        return await review(orphans, await accepted(request, OrphanRecord))
 
     @app.get("/unmatched", dependencies=reads)
     async def list_unmatched(limit: Limit = 100, offset: Offset = 0) -> dict[str, Any]:
@@ -341,6 +372,83 @@ def create_app(
         return JSONResponse(body, 200 if ok else 503)
 
     return app
+
+
+_JSON = "application/json"
+_Posted = TypeVar("_Posted", StaySummary, UnmatchedRecord, OrphanRecord)
+
+
+def _validated(model: type[_Posted], body: bytes, content_type: str | None) -> _Posted:
+    """``body`` as ``model``, or the error FastAPI gives for a declared body."""
+    if not body:
+        raise RequestValidationError(
+            [{"type": "missing", "loc": ("body",), "msg": "Field required"}]
+        )
+    if not _is_json(content_type):
+        # As FastAPI: a body that is not declared JSON is not parsed as JSON.
+        raise RequestValidationError(
+            [
+                {
+                    "type": "model_attributes_type",
+                    "loc": ("body",),
+                    "msg": "Input should be a JSON object (Content-Type: "
+                    "application/json)",
+                }
+            ],
+            body=body,
+        )
+    try:
+        # A UTF-8 byte order mark is allowed, as FastAPI's JSON reading allows it.
+        return model.model_validate_json(body.removeprefix(codecs.BOM_UTF8))
+    except ValidationError as exc:
+        raise RequestValidationError(_in_body(exc), body=body) from None
+
+
+def _in_body(exc: ValidationError) -> list[dict[str, Any]]:
+    """The errors located in the body, as FastAPI reports a declared body's."""
+    return [
+        dict(detail) | {"loc": ("body", *detail["loc"]), "input": _shown(detail)}
+        for detail in exc.errors(include_url=False)
+    ]
+
+
+def _shown(detail: ErrorDetails) -> Any:
+    """The input as the 422 can show it: sent back as it is, NaN, infinity
+    (JSON literals pydantic reads) and a body that is not UTF-8 would turn the
+    answer into a 500."""
+    value = detail.get("input")
+    if isinstance(value, bytes):
+        return {}  # the whole body, unparsed: FastAPI shows {} too
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+def _is_json(content_type: str | None) -> bool:
+    if content_type is None:
+        return False
+    kind = content_type.partition(";")[0].strip().lower()
+    return kind == _JSON or (kind.startswith("application/") and kind.endswith("+json"))
+
+
+def _json_body(model: type[BaseModel]) -> dict[str, Any]:
+    """The request body in the OpenAPI schema, as a declared body would show it
+    (the model's own definitions, its enums, written in place)."""
+    schema = model.model_json_schema()
+    definitions = schema.pop("$defs", {})
+
+    def inline(node: Any) -> Any:
+        if isinstance(node, list):
+            return [inline(each) for each in node]
+        if not isinstance(node, dict):
+            return node
+        ref = node.get("$ref", "")
+        if ref.startswith("#/$defs/"):
+            return inline(definitions[ref.removeprefix("#/$defs/")])
+        return {key: inline(value) for key, value in node.items()}
+
+    content = {_JSON: {"schema": inline(schema)}}
+    return {"requestBody": {"required": True, "content": content}}
 
 
 async def _page(ledger: CsvLedger, limit: int, offset: int) -> dict[str, Any]:

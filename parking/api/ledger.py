@@ -112,8 +112,7 @@ class CsvLedger:
         self._queue = asyncio.Queue()
         self._file = open(self.path, "a", encoding="utf-8", newline="")  # noqa: SIM115
         if self._file.tell() == 0:
-            header = dict(zip(self.columns, self.columns, strict=True))
-            self._file.write(_encode([header], self.columns))
+            self._file.write(_encode([list(self.columns)]))
             self._sync()
         self._task = asyncio.create_task(
             self._write_forever(), name=f"csv-writer-{self.name}"
@@ -170,14 +169,14 @@ class CsvLedger:
         if not fresh:
             return
         assert self._file is not None
-        self._file.write(_encode([item.row for item in fresh], self.columns))
+        columns = self.columns
+        # Neutralised once, for the file and for the recent rows alike.
+        cells = [[neutralise(item.row[column]) for column in columns] for item in fresh]
+        self._file.write(_encode(cells))
         await asyncio.to_thread(self._sync)
         self._ids.update(seen)
         self._rows += len(fresh)
-        self._recent.extend(
-            {column: neutralise(item.row[column]) for column in self.columns}
-            for item in fresh
-        )
+        self._recent.extend(dict(zip(columns, each, strict=True)) for each in cells)
         for item in fresh:
             item.done.set_result(True)
 
@@ -246,16 +245,14 @@ class CsvLedger:
             yield from csv.DictReader(handle)
 
 
-def _encode(rows: list[dict[str, str]], columns: tuple[str, ...]) -> str:
+def _encode(rows: list[list[str]]) -> str:
+    """CSV lines of cells already neutralised, in the ledger's column order."""
     buffer = io.StringIO()
-    plain = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    plain = csv.writer(buffer, lineterminator="\n")
     # The writer quotes only characters of its own line terminator, but every
     # reader ends a row at a bare carriage return too: such rows get quoted.
-    quoted = csv.DictWriter(
-        buffer, fieldnames=columns, lineterminator="\n", quoting=csv.QUOTE_ALL
-    )
-    for row in rows:
-        cells = {key: neutralise(row[key]) for key in columns}
-        risky = any("\r" in cell for cell in cells.values())
+    quoted = csv.writer(buffer, lineterminator="\n", quoting=csv.QUOTE_ALL)
+    for cells in rows:
+        risky = any("\r" in cell for cell in cells)
         (quoted if risky else plain).writerow(cells)
     return buffer.getvalue()
