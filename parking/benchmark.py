@@ -56,6 +56,7 @@ class BenchOptions:
     baseline: int = 0
     api_rows: int = 0
     api_connections: int = 16
+    api_only: bool = False
     match_ratio: float = 0.8
     worker_log_level: str = "INFO"
     metrics_url: str | None = None
@@ -154,6 +155,11 @@ def _claim_database(options: BenchOptions) -> redis.Redis | None:
     "--api-rows", default=-1, help="Rows posted to the API alone (-1: count/2)."
 )
 @click.option("--api-connections", default=16)
+@click.option(
+    "--api-only",
+    is_flag=True,
+    help="Measure the API alone: no baseline, no pipeline.",
+)
 @click.option("--match-ratio", default=0.8, help="Share of exits that have an entry.")
 @click.option("--worker-log-level", default="INFO", help="As `parking run` uses.")
 @click.option("--metrics-url", default=None, help="Worker metrics (--use-running).")
@@ -171,7 +177,8 @@ def _claim_database(options: BenchOptions) -> redis.Redis | None:
     "--profile",
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
-    help="Record py-spy profiles of the workers and the API during the pipeline.",
+    help="Record py-spy profiles of the workers and the API during the pipeline"
+    " (of the API during the API alone).",
 )
 def bench(**params: Any) -> None:
     """Measure the pipeline beside a no-op Celery baseline, or soak it."""
@@ -218,6 +225,8 @@ def _run(options: BenchOptions) -> dict[str, Any]:
     with Bench(options, progress) as bench, progress:
         if options.soak:
             report["soak"] = Soak(bench).run()
+        elif options.api_only:
+            report["api"] = bench.api_only()
         else:
             report["baseline"] = bench.baseline()
             report["pipeline"] = bench.pipeline()
@@ -242,7 +251,8 @@ def _public(options: BenchOptions) -> dict[str, Any]:
 
 def _versions(broker: str | None) -> dict[str, str | None]:
     found: dict[str, str | None] = {"python": platform.python_version()}
-    for package in ("celery", "kombu", "redis", "fastapi", "uvicorn"):
+    packages = ("celery", "kombu", "redis", "fastapi", "uvicorn", "uvloop", "httptools")
+    for package in packages:
         try:
             found[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
@@ -319,6 +329,8 @@ def render(report: dict[str, Any]) -> None:
     )
     if "soak" in report:
         render_soak(report["soak"])
+    elif "pipeline" not in report:
+        render_api(report)
     else:
         render_run(report)
 
@@ -404,15 +416,43 @@ def render_run(report: dict[str, Any]) -> None:
     )  # fmt: skip
     api = report.get("api") or {}
     table.add_row(
-        "API alone", _num(api.get("rows_per_second"), " rows/s"),
+        "API alone" + _served_by(api), _num(api.get("rows_per_second"), " rows/s"),
         goal("api_rows_per_second"),
     )  # fmt: skip
+    table.add_row("  CPU ms per row: API / client", _api_cpu(api), "")
     console.print(table)
     if pipeline.get("outcomes"):
         console.print(
             "outcomes: "
             + ", ".join(f"{k}={v}" for k, v in pipeline["outcomes"].items())
         )
+
+
+def _served_by(api: dict[str, Any]) -> str:
+    server = api.get("server")
+    return f" ({server['loop']}, {server['http']})" if server else ""
+
+
+def _api_cpu(api: dict[str, Any]) -> str:
+    cpu = api.get("cpu_ms_per_row") or {}
+    return " / ".join(_num(cpu.get(k)) for k in ("api", "bench"))
+
+
+def render_api(report: dict[str, Any]) -> None:
+    api = report.get("api") or {}
+    if "rows_per_second" not in api:
+        console.print(f"API alone: skipped ({api.get('skipped')})")
+        return
+    goals = {t["name"]: t for t in report["targets"]}
+    target = goals["api_rows_per_second"]
+    verdict = {True: "met", False: "missed", None: "-"}[target["met"]]
+    console.print(
+        f"API alone{_served_by(api)}: {api['written']:,} of {api['rows']:,} rows"
+        f" over {api['connections']} connections in {api['seconds']:,.2f} s:"
+        f" {_num(api['rows_per_second'])} rows/s (>= {target['target']:,g}:"
+        f" {verdict}); CPU ms per row, API / client: {_api_cpu(api)};"
+        f" load {api.get('load_average')}"
+    )
 
 
 def render_soak(soak: dict[str, Any]) -> None:
@@ -433,16 +473,29 @@ def render_soak(soak: dict[str, Any]) -> None:
         )  # fmt: skip
     console.print(table)
     trend = soak["trends"]
+    window = trend.get("window_seconds") or 0
     lines = [
         f"trends after {trend['warmup_seconds']:g} s of warm-up"
-        f" ({trend['samples']} samples at the steady rate):"
+        f" ({trend['samples']} samples at the steady rate); means of the first"
+        f" and the last {window:g} s of it, first and last sample, least-squares"
+        " slope:"
     ]
-    for name in ("keys", "keys_without_ttl", "worker_rss", "api_rss"):
-        found = trend[name]
+    for name, label in (
+        ("keys", "keys"),
+        ("keys_with_ttl", "keys with a TTL (expire; grow until their TTL)"),
+        ("keys_without_ttl", "keys without a TTL (would leak)"),
+        ("worker_rss", "worker RSS"),
+        ("api_rss", "API RSS"),
+    ):
+        found = trend.get(name)
+        if found is None:
+            continue
         show = _mb if name.endswith("rss") else _count
         lines.append(
-            f"  {name}: {show(found['first'])} -> {show(found['last'])},"
-            f" slope {show(found['per_hour'])} per hour, flat: {found['flat']}"
+            f"  {label}: first {window:g} s {show(found.get('first_window_mean'))},"
+            f" last {window:g} s {show(found.get('last_window_mean'))};"
+            f" {show(found['first'])} -> {show(found['last'])};"
+            f" slope {show(found['per_hour'])} per hour; flat: {found['flat']}"
         )
     rows, e2e = soak["rows"], soak["end_to_end_ms"]
     lines.append(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import secrets
 import shutil
 import signal
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import redis
 
 from parking import measure
+from parking.api.serving import choose
 from parking.benchmark import BenchOptions
 from parking.settings import get_settings
 from parking.stays import Stay, Visit
@@ -226,10 +228,7 @@ class Bench:
         self.publisher.join()
         elapsed = (finished_at or time.monotonic()) - started
         cpu_per_event = _per(self.memory.cpu(), cpu_before, plan.size)
-        for profiler in profilers:
-            profiler.send_signal(signal.SIGINT)  # py-spy writes its file and ends
-        for profiler in profilers:
-            profiler.wait(timeout=60)
+        _stop_profilers(profilers)
         after = self.metrics()
         report = {
             "events": plan.size,
@@ -249,17 +248,20 @@ class Bench:
         report |= self._rows(plan, ours, tail_start)
         return report
 
-    def _profile(self) -> list[subprocess.Popen[bytes]]:
-        """py-spy on every worker process and the API: samples of threads that hold
-        the GIL (CPU in Python), taken without pausing the process."""
+    def _profile(self, api_alone: bool = False) -> list[subprocess.Popen[bytes]]:
+        """py-spy on every worker process and the API (only the API for the API
+        alone): samples of threads that hold the GIL (CPU in Python), taken
+        without pausing the process."""
         target = self.options.profile
         if target is None or self.services is None:
             return []
         spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
         target.mkdir(parents=True, exist_ok=True)
         pids = self.services.pids()
-        named = {f"worker-{pid}": pid for pid in measure.tree(pids["worker"])}
-        named |= {f"api-{pid}": pid for pid in pids["api"]}
+        named = {f"api-alone-{pid}": pid for pid in pids["api"]}
+        if not api_alone:
+            named = {f"worker-{pid}": pid for pid in measure.tree(pids["worker"])}
+            named |= {f"api-{pid}": pid for pid in pids["api"]}
         profilers = []
         for name, pid in named.items():
             command = [
@@ -364,21 +366,41 @@ class Bench:
         bodies = [_summary_body(self.token, index) for index in range(count)]
         token = self.settings.summary_api_token
         bar = self.progress.add_task("API alone: rows", total=count)
+        load_before = measure.machine()["load_average"]
+        profilers = self._profile(api_alone=True)
+        cpu_before = self.memory.cpu()
         seconds, statuses = measure.post_json_many(
             f"{self.services.api_url}/summaries",
             bodies,
             connections=self.options.api_connections,
             token=token.get_secret_value() if token else None,
         )
+        cpu = _per(self.memory.cpu(), cpu_before, count)
+        _stop_profilers(profilers)
         self.progress.update(bar, completed=count)
         written = sum(1 for status in statuses if status == 201)
+        loop, http = choose(
+            os.environ.get("PARKING_API_LOOP", "auto"),
+            os.environ.get("PARKING_API_HTTP", "auto"),
+        )
         return {
             "rows": count,
             "written": written,
             "seconds": round(seconds, 3),
             "rows_per_second": round(written / seconds, 1),
             "connections": self.options.api_connections,
+            # The bench's share is the client's, plus its CSV tail and samplers.
+            "cpu_ms_per_row": {k: cpu[k] for k in ("api", "bench") if k in cpu},
+            "server": {"loop": loop, "http": http},
+            "load_average": [load_before, measure.machine()["load_average"]],
         }
+
+
+def _stop_profilers(profilers: list[subprocess.Popen[bytes]]) -> None:
+    for profiler in profilers:
+        profiler.send_signal(signal.SIGINT)  # py-spy writes its file and ends
+    for profiler in profilers:
+        profiler.wait(timeout=60)
 
 
 def _summary_body(token: str, index: int) -> bytes:

@@ -197,26 +197,68 @@ class Soak:
 #: Growth over the steady window that still counts as flat: a share of the
 #: level, or an absolute floor for small levels (keys, bytes).
 FLAT_SHARE = 0.05
-FLAT_FLOOR = {"keys": 100.0, "keys_without_ttl": 100.0, "worker_rss": 4 * 2**20}
+FLAT_FLOOR = {
+    "keys": 100.0,
+    "keys_with_ttl": 100.0,
+    "keys_without_ttl": 100.0,
+    "worker_rss": 4 * 2**20,
+}
+#: The stretches compared at the start and the end of the steady part (at
+#: most a third of it each, so that they never overlap).
+COMPARE_SECONDS = 300.0
+TREND_SERIES = ("keys", "keys_with_ttl", "keys_without_ttl", "worker_rss", "api_rss")
 
 
-def trends(series: list[dict[str, Any]], warmup: float) -> dict[str, Any]:
-    """Slopes per hour after the warm-up, and whether each stays flat."""
+def trends(
+    series: list[dict[str, Any]], warmup: float, compare: float = COMPARE_SECONDS
+) -> dict[str, Any]:
+    """Slopes per hour after the warm-up, the means of its first and last
+    ``compare`` seconds, and whether each series stays flat.
+
+    Keys with a TTL are told apart from keys without: the first expire by
+    design and grow only until their TTL, the second are what would leak.
+    """
     steady = [point for point in series if point["t"] >= warmup]
-    found: dict[str, Any] = {"warmup_seconds": warmup, "samples": len(steady)}
-    for name in ("keys", "keys_without_ttl", "worker_rss", "api_rss"):
-        points = [(p["t"], float(p[name])) for p in steady if p.get(name) is not None]
+    span = steady[-1]["t"] - steady[0]["t"] if steady else 0.0
+    window = min(compare, span / 3)
+    found: dict[str, Any] = {
+        "warmup_seconds": warmup,
+        "samples": len(steady),
+        "window_seconds": round(window, 1),
+    }
+    for name in TREND_SERIES:
+        points = [
+            (p["t"], value) for p in steady if (value := _value(p, name)) is not None
+        ]
         rate = measure.slope(points)
         flat = None
         if rate is not None:
-            window = points[-1][0] - points[0][0]
             level = sum(y for _, y in points) / len(points)
             allowed = max(FLAT_SHARE * level, FLAT_FLOOR.get(name, 4 * 2**20))
-            flat = abs(rate * window) <= allowed
+            flat = abs(rate * (points[-1][0] - points[0][0])) <= allowed
         found[name] = {
             "per_hour": None if rate is None else round(rate * 3600, 1),
             "first": points[0][1] if points else None,
             "last": points[-1][1] if points else None,
+            "first_window_mean": _mean(points, points[0][0] if points else 0, window),
+            "last_window_mean": _mean(
+                points, points[-1][0] - window if points else 0, window
+            ),
             "flat": flat,
         }
     return found
+
+
+def _value(point: dict[str, Any], name: str) -> float | None:
+    if name == "keys_with_ttl":
+        keys, untimed = point.get("keys"), point.get("keys_without_ttl")
+        return None if keys is None or untimed is None else float(keys - untimed)
+    value = point.get(name)
+    return None if value is None else float(value)
+
+
+def _mean(
+    points: list[tuple[float, float]], start: float, window: float
+) -> float | None:
+    inside = [y for t, y in points if start <= t <= start + window]
+    return round(sum(inside) / len(inside), 1) if inside else None

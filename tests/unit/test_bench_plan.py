@@ -97,3 +97,47 @@ def test_trends_skip_the_warm_up_and_tell_flat_from_growing() -> None:
     assert found["keys_without_ttl"]["flat"] is True
     assert found["worker_rss"]["flat"] is True
     assert found["api_rss"]["flat"] is None
+
+
+def test_trends_compare_the_first_and_last_stretch_and_split_keys_by_ttl() -> None:
+    mb = 2**20
+    # 30 minutes after a 60 s warm-up: keys with a TTL grow 10 a second,
+    # the 400 without stay, and the worker's memory levels off at 210 MB.
+    series = [
+        {
+            "t": t,
+            "keys": 400 + 10 * t,
+            "keys_without_ttl": 400,
+            "worker_rss": min(200 * mb + t * 10_000, 210 * mb),
+        }
+        for t in range(60, 1861, 30)
+    ]
+
+    found = trends(series, warmup=60)
+
+    assert found["window_seconds"] == 300
+    with_ttl = found["keys_with_ttl"]
+    # Means of t = 60..360 and t = 1560..1860, eleven samples each.
+    assert with_ttl["first_window_mean"] == pytest.approx(2100)
+    assert with_ttl["last_window_mean"] == pytest.approx(17_100)
+    assert with_ttl["per_hour"] == pytest.approx(36_000)
+    assert with_ttl["flat"] is False
+    assert found["keys_without_ttl"]["first_window_mean"] == 400
+    assert found["keys_without_ttl"]["last_window_mean"] == 400
+    assert found["keys_without_ttl"]["flat"] is True
+    rss = found["worker_rss"]
+    assert rss["last_window_mean"] == 210 * mb
+    assert rss["first_window_mean"] < rss["last_window_mean"]
+    assert rss["flat"] is True
+
+
+def test_trends_of_a_short_soak_compare_thirds() -> None:
+    series = [
+        {"t": t, "keys": 100, "keys_without_ttl": 10, "worker_rss": 1.0}
+        for t in range(0, 91, 10)
+    ]
+
+    found = trends(series, warmup=0)
+
+    assert found["window_seconds"] == 30
+    assert found["keys_with_ttl"]["first_window_mean"] == 90
