@@ -22,6 +22,7 @@ from rich.console import Console
 
 from parking.api.serving import LOOPS, PARSERS, choose
 from parking.benchmark import bench
+from parking.errors import ConfigurationError
 from parking.events import EventKind
 from parking.secrets import secrets_cli
 from parking.settings import Settings, get_settings, mask_url
@@ -163,9 +164,13 @@ def api(host: str | None, port: int | None, loop: str, http: str) -> None:
 
     settings = get_settings()
     loop, http = choose(loop, http)
+    try:
+        app = create_app(settings)
+    except ConfigurationError as exc:
+        raise click.ClickException(str(exc)) from None
     logging.getLogger(__name__).info("api serving loop=%s http=%s", loop, http)
     uvicorn.run(
-        create_app(settings),
+        app,
         host=host or settings.api_host,
         port=port or settings.api_port,
         loop=loop,

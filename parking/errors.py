@@ -7,6 +7,10 @@ class ParkingError(Exception):
     """Root of every error this package raises on purpose."""
 
 
+class ConfigurationError(ParkingError):
+    """The settings cannot run this service safely; it refuses to start."""
+
+
 class InvalidEvent(ParkingError):
     """The message can never be processed; it goes to the dead letters."""
 

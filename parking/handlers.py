@@ -118,7 +118,6 @@ class _EventProcessor:
         stay = _stay(transition, tariff)
         if stay is not None:
             self._sink.record(stay)
-            logger.debug("stay recorded plate=%s stay=%s", stay.plate, stay.stay_id)
         orphan = _orphan(transition)
         if orphan is not None:
             self._sink.record_orphan(orphan)

@@ -46,7 +46,7 @@ from parking.api.ledger import (
 )
 from parking.api.limits import BodyLimit
 from parking.api.timing import RequestTimer
-from parking.errors import InvalidEvent
+from parking.errors import ConfigurationError, InvalidEvent
 from parking.events import MAX_ID_LENGTH, format_time, parse_time
 from parking.plates import clean_plate
 from parking.review import OrphanCause, UnmatchedWhy
@@ -241,6 +241,12 @@ def create_app(
     registry = CollectorRegistry()
     metrics = ApiMetrics(registry)
     token = settings.summary_api_token
+    if token is None and settings.environment != "development":
+        # Anyone who reaches the port could write billable rows.
+        raise ConfigurationError(
+            "the summary API needs PARKING_SUMMARY_API_TOKEN (or the secret file "
+            f"parking_summary_api_token) in environment {settings.environment!r}"
+        )
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

@@ -15,7 +15,15 @@ from tests.services import ApiServer, isolated_vhost
 from workers import app as celery_application
 from workers import runtime
 
-pytestmark = pytest.mark.integration
+HERE = Path(__file__).parent
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # A ``pytestmark`` in a conftest marks nothing: every test of this folder
+    # gets the marker here, so that ``-m integration`` selects all of them.
+    for item in items:
+        if HERE in item.path.parents:
+            item.add_marker(pytest.mark.integration)
 
 
 @pytest.fixture(scope="session", autouse=True)

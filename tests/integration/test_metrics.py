@@ -12,16 +12,19 @@ import pytest
 from prometheus_client import REGISTRY
 
 from parking.events import EventKind
-from parking.settings import get_settings
+from parking.ports import free_port
+from parking.settings import Settings, get_settings
 from parking.status import quantile
 from tests.observability import prefork_worker, scrape, value
 from tests.services import wait_until
 from workers import metrics as celery_metrics
 from workers import runtime
+from workers.app import app
 from workers.tasks import publish_events
 
 N = 200
 ENTRY = "parking.process_entry"
+EXIT = "parking.process_exit"
 
 
 def _entries(count: int) -> list[tuple[EventKind, Any]]:
@@ -128,6 +131,54 @@ def test_embedded_worker_keeps_metrics_in_process(celery_worker: Any) -> None:
         "celery_task_succeeded_total", labels
     )
     assert served == before + 5
+
+
+def test_retries_failures_and_refused_posts_are_counted(
+    celery_worker: Any, test_settings: Settings
+) -> None:
+    # A summary API nobody serves: the exit's post fails, it is retried once
+    # through the broker and then dead-lettered (retry_max=1).
+    down = f"http://127.0.0.1:{free_port()}"
+    runtime.configure(
+        test_settings.model_copy(update={"summary_api_url": down, "retry_max": 1})
+    )
+    host = celery_metrics.short_hostname(celery_worker.hostname)
+    exit_labels = {"name": EXIT, "hostname": host}
+    failed_labels = {"name": ENTRY, "hostname": host, "exception": "TypeError"}
+    retried = _local("celery_task_retried_total", **exit_labels)
+    rejected = _local("celery_task_rejected_total", **exit_labels)
+    failed = _local("celery_task_failed_total", **failed_labels)
+    unreachable = _local("parking_summary_post_failures_total", cause="unreachable")
+    try:
+        plate = f"RTY{uuid.uuid4().hex[:6]}"
+        entry = _event("entry", plate, "2026-12-01T08:00:00Z")
+        publish_events([(EventKind.ENTRY, entry)])
+        # The exit must find its visit open, so that it has a stay to post.
+        wait_until(lambda: runtime.store().counts()["open"] == 1)
+        exit_ = _event("exit", plate, "2026-12-01T09:00:00Z")
+        publish_events([(EventKind.EXIT, exit_)])
+        # A body of the wrong shape (send_task checks no signature): the task
+        # itself raises, a real failure.
+        app.send_task(ENTRY, args=({}, "an argument too many"))
+        wait_until(
+            lambda: _local("celery_task_rejected_total", **exit_labels) == rejected + 1,
+            timeout=60,
+        )
+        wait_until(
+            lambda: _local("celery_task_failed_total", **failed_labels) == failed + 1
+        )
+    finally:
+        runtime.configure(None)
+    assert _local("celery_task_retried_total", **exit_labels) == retried + 1
+    assert (
+        _local("parking_summary_post_failures_total", cause="unreachable")
+        == unreachable + 2
+    )
+    assert _local("celery_task_failed_total", name=EXIT) == 0
+
+
+def _event(kind: str, plate: str, at: str) -> dict[str, str]:
+    return {"id": uuid.uuid4().hex, "vehicle_plate": plate, f"{kind}_date_time": at}
 
 
 @pytest.mark.parametrize(

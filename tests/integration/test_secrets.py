@@ -158,6 +158,21 @@ def test_service_refuses_to_start_with_a_default_password(tmp_path: Path) -> Non
     assert other not in done.stdout + done.stderr
 
 
+def test_api_refuses_to_start_without_a_token_outside_development(
+    tmp_path: Path,
+) -> None:
+    _write(tmp_path, "parking_broker_password", new_secret())
+
+    done = _parking(
+        "api",
+        env={"PARKING_SECRETS_DIR": str(tmp_path), "PARKING_ENVIRONMENT": "production"},
+    )
+
+    assert done.returncode != 0
+    assert "the summary API needs PARKING_SUMMARY_API_TOKEN" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
 # -- RabbitMQ definitions ----------------------------------------------------
 
 

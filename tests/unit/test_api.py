@@ -20,6 +20,7 @@ from pydantic import SecretStr
 
 from parking.api.app import create_app
 from parking.api.ledger import CsvLedger, LedgerLayoutError
+from parking.errors import ConfigurationError
 from parking.settings import Settings
 
 pytestmark = pytest.mark.anyio
@@ -355,6 +356,20 @@ async def test_a_post_without_the_token_is_401(
     assert response.headers["WWW-Authenticate"] == "Bearer"
     assert TOKEN not in response.text
     assert (await secured.get("/summaries")).json()["total"] == 0
+
+
+@pytest.mark.parametrize("environment", ["production", "staging"])
+def test_outside_development_the_api_refuses_to_run_without_a_token(
+    tmp_path: Path, environment: str
+) -> None:
+    # A broker password of its own: the default one is refused there too.
+    broker = "amqp://parking:a-password-of-its-own@127.0.0.1:5672//"
+    bare = _settings(tmp_path, environment=environment, broker_url=broker)
+    with pytest.raises(ConfigurationError, match="PARKING_SUMMARY_API_TOKEN") as error:
+        _app(bare)
+    assert repr(environment) in str(error.value)
+    assert _app(bare.model_copy(update={"environment": "development"}))
+    assert _app(bare.model_copy(update={"summary_api_token": SecretStr(TOKEN)}))
 
 
 async def test_a_post_with_the_token_is_written(secured: httpx.AsyncClient) -> None:

@@ -199,6 +199,21 @@ def test_a_match_records_one_stay(
     assert rig.sample("parking_events_total", kind=kind.value, outcome="matched") == 1
 
 
+@pytest.mark.parametrize("kind", list(EventKind), ids=lambda k: k.value)
+def test_each_event_is_one_line_at_debug_and_none_at_info(
+    rig: Rig, kind: EventKind, info_logs: pytest.LogCaptureFixture
+) -> None:
+    rig.store.script = [MATCHED]
+    message = _entry() if kind is EventKind.ENTRY else _exit()
+
+    rig.handler(kind).process_message(message)
+
+    assert _messages(info_logs, logging.DEBUG) == [
+        f"event processed kind={kind.value} event={message['id']} outcome=matched"
+    ]
+    assert _messages(info_logs, logging.INFO) == []
+
+
 def test_a_redelivered_match_posts_the_same_stay_again_but_counts_it_once(
     rig: Rig,
 ) -> None:
