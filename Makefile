@@ -2,12 +2,12 @@
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test lint services setup
+.PHONY: run test lint services test-tools setup
 
 run: setup services
 	$(BIN)/parking run
 
-test: setup services
+test: setup services test-tools lint
 	$(BIN)/pytest
 
 lint: setup
@@ -15,6 +15,9 @@ lint: setup
 
 services:
 	@scripts/ensure-services
+
+test-tools:
+	@scripts/ensure-test-tools
 
 setup: $(BIN)/.installed
 

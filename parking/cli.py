@@ -96,7 +96,7 @@ class _StopLeaderKillGroup:
 
 @main.command()
 def run() -> None:
-    """Start worker, beat, the summary API and Flower; Ctrl-C stops them all."""
+    """Start worker, beat, ingest, the summary API and Flower; Ctrl-C stops all."""
     from honcho.manager import Manager
     from honcho.printer import Printer
 
@@ -119,11 +119,13 @@ def run() -> None:
         password = settings.flower_password.get_secret_value()
         flower_env["FLOWER_BASIC_AUTH"] = f"{settings.flower_user}:{password}"
 
-    console.print("[bold]parking run[/]: worker, beat, summary API, Flower")
+    console.print("[bold]parking run[/]: worker, beat, ingest, summary API, Flower")
     console.print(f"  broker       {mask_url(settings.broker_url)}")
     console.print(f"  redis        {mask_url(settings.redis_url)}")
     console.print(f"  summary API  http://{settings.api_host}:{settings.api_port}")
     console.print(f"  Flower       http://127.0.0.1:{settings.flower_port}")
+    worker_metrics = f"{settings.metrics_address}:{settings.worker_metrics_port}"
+    console.print(f"  metrics      http://{worker_metrics}/metrics (worker)")
     console.print(f"  stays CSV    {settings.summary_csv.resolve()}")
 
     manager = Manager(Printer(sys.stdout))
