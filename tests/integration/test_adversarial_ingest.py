@@ -12,7 +12,7 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
-import amqp  # type: ignore[import-untyped]
+import amqp
 import pytest
 from kombu.connection import Connection
 from prometheus_client import REGISTRY

@@ -29,6 +29,9 @@ class Recorder(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), _Handler)
         self.status = 201
         self.stall = threading.Event()
+        #: Close each connection after its answer, without saying so first,
+        #: as a server does with a kept-alive connection once it idled.
+        self.drop_idle = False
         self.connections = 0
         self.posts: list[tuple[str, dict[str, str], Any]] = []
 
@@ -55,6 +58,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", "2")
         self.end_headers()
         self.wfile.write(b"{}")
+        if self.server.drop_idle:
+            self.close_connection = True
 
     def log_message(self, *_: Any) -> None:
         pass
@@ -108,6 +113,38 @@ def test_posts_share_one_kept_alive_connection_and_carry_the_token(
         _stay(n).stay_id for n in range(5)
     ]
     assert registry.get_sample_value("parking_summary_post_seconds_count") == 5
+
+
+def test_a_connection_the_server_closed_while_idle_is_replaced(
+    server: Recorder, registry: CollectorRegistry
+) -> None:
+    server.drop_idle = True
+    sink = _sink(server.url, registry)
+    for n in range(3):
+        sink.record(_stay(n))
+
+    assert len(server.posts) == 3
+    assert server.connections == 3
+    assert _failures(registry, "unreachable") == 0
+
+
+def test_concurrent_posts_each_get_a_connection_and_reuse_it(
+    server: Recorder, registry: CollectorRegistry
+) -> None:
+    sink = _sink(server.url, registry)
+
+    def post_ten(first: int) -> None:
+        for n in range(first, first + 10):
+            sink.record(_stay(n))
+
+    threads = [threading.Thread(target=post_ten, args=(10 * t,)) for t in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert len({body["stay_id"] for _, _, body in server.posts}) == 40
+    assert server.connections <= 4
 
 
 def test_an_api_that_does_not_answer_times_out_as_unavailable(
