@@ -58,6 +58,7 @@ class BenchOptions:
     api_connections: int = 16
     api_only: bool = False
     match_ratio: float = 0.8
+    order: str = "phased"
     worker_log_level: str = "INFO"
     metrics_url: str | None = None
     worker_pids: list[int] = field(default_factory=list)
@@ -161,6 +162,15 @@ def _claim_database(options: BenchOptions) -> redis.Redis | None:
     help="Measure the API alone: no baseline, no pipeline.",
 )
 @click.option("--match-ratio", default=0.8, help="Share of exits that have an entry.")
+@click.option(
+    "--order",
+    type=click.Choice(["phased", "interleaved"]),
+    default="phased",
+    show_default=True,
+    help="phased: every entry is processed before the exits are sent, as in a"
+    " car park, where a stay lasts minutes; interleaved: each exit is sent 20"
+    " entries after its own, and many overtake their entries in the backlog.",
+)
 @click.option("--worker-log-level", default="INFO", help="As `parking run` uses.")
 @click.option("--metrics-url", default=None, help="Worker metrics (--use-running).")
 @click.option("--worker-pid", "worker_pids", multiple=True, type=int)
@@ -340,7 +350,8 @@ def render_run(report: dict[str, Any]) -> None:
     options = report["options"]
     table = Table(
         title=f"parking bench: {options['count']:,} entries + {options['count']:,} exits,"
-        f" {options['workers']} x {options['pool']} -c {options['concurrency']}"
+        f" {options['workers']} x {options['pool']} -c {options['concurrency']},"
+        f" {options.get('order', 'interleaved')}"
     )
     table.add_column("measure")
     table.add_column("value", justify="right")
@@ -373,6 +384,18 @@ def render_run(report: dict[str, Any]) -> None:
         table.add_row(
             f"{kind} processing p50/p95/p99", spread + " ms", goal(f"{kind}_p99_ms")
         )
+        if kind == "entry":
+            for part, label in (
+                ("entry_opening", "that open a visit"),
+                ("entry_completing", "that complete a stay (and post it)"),
+            ):
+                found = (pipeline["processing"] or {}).get(part) or {}
+                table.add_row(
+                    f"  entries {label}: {_count(found.get('count'))}",
+                    " / ".join(_num(found.get(f"p{p}_ms")) for p in (50, 95, 99))
+                    + " ms",
+                    "",
+                )
     post = (pipeline["processing"] or {}).get("summary_post") or {}
     table.add_row(
         "  of which summary POST p50/p95/p99",
@@ -390,6 +413,17 @@ def render_run(report: dict[str, Any]) -> None:
         " / ".join(_num(cpu.get(k)) for k in ("worker", "api", "bench")),
         "no-op: " + " / ".join(_num(noop_cpu.get(k)) for k in ("worker", "api", "bench")),
     )  # fmt: skip
+    servers = ("broker", "redis", "machine")
+    table.add_row(
+        "CPU ms per event: RabbitMQ / Redis / whole machine",
+        " / ".join(_num(cpu.get(k)) for k in servers),
+        "no-op: " + " / ".join(_num(noop_cpu.get(k)) for k in servers),
+    )  # fmt: skip
+    table.add_row(
+        "cores busy (machine)",
+        _num(pipeline.get("cores_busy")),
+        f"no-op: {_num(baseline.get('cores_busy'))}",
+    )
     memory = pipeline["memory_peak_bytes"]
     table.add_row("worker peak RSS (tree)", _mb(memory.get("worker")), "")
     table.add_row("API peak RSS", _mb(memory.get("api")), "")
@@ -503,4 +537,10 @@ def render_soak(soak: dict[str, Any]) -> None:
         f" {rows['lost']}, duplicated {rows['duplicated']}; end-to-end p50"
         f" {_num(e2e['p50'])} ms, p99 {_num(e2e['p99'])} ms"
     )
+    for kind, found in (soak.get("processing") or {}).items():
+        lines.append(
+            f"{kind.replace('_', ' ')} processing p50/p95/p99: "
+            + " / ".join(_num(found.get(f"p{p}_ms")) for p in (50, 95, 99))
+            + " ms"
+        )
     console.print("\n".join(lines))

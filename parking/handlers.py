@@ -57,7 +57,7 @@ class _EventProcessor:
         transition = self._apply(event)
         self._settle(transition, tariff)
         self._metrics.events.labels(self.kind, transition.outcome).inc()
-        self._metrics.processing.labels(self.kind).observe(
+        self._metrics.processing.labels(self.kind, transition.outcome).observe(
             time.perf_counter() - started
         )
         lag = (self._clock.now() - event.at).total_seconds()

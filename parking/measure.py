@@ -214,6 +214,52 @@ def tree(roots: Sequence[int]) -> set[int]:
     return members
 
 
+def listener_pid(port: int) -> int | None:
+    """The process listening on this local TCP port, if this machine runs it
+    and /proc shows it (Linux; another user's process needs root)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table, encoding="ascii") as handle:
+                next(handle)  # the header
+                for line in handle:
+                    fields = line.split()
+                    # local address is ADDR:PORT in hex; state 0A is LISTEN
+                    if (
+                        fields[3] == "0A"
+                        and int(fields[1].rpartition(":")[2], 16) == port
+                    ):
+                        inodes.add(f"socket:[{fields[9]}]")
+        except (OSError, StopIteration, IndexError, ValueError):
+            continue
+    if not inodes:
+        return None
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            for fd in os.scandir(f"/proc/{entry.name}/fd"):
+                if os.readlink(fd.path) in inodes:
+                    return int(entry.name)
+        except OSError:  # gone, or not ours to look at
+            continue
+    return None
+
+
+def machine_cpu() -> float | None:
+    """CPU seconds the whole machine has been busy since boot (all cores):
+    over a phase, its difference ÷ the phase's length is the cores in use."""
+    try:
+        with open("/proc/stat", encoding="ascii") as handle:
+            fields = [int(value) for value in handle.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    # user nice system idle iowait irq softirq steal [guest guest_nice]:
+    # guest time is already inside user, so only the first eight count.
+    busy = sum(fields[:8]) - fields[3] - fields[4]
+    return busy / _TICKS
+
+
 class MemoryPeaks:
     """The highest resident memory seen for each named process tree."""
 
@@ -227,6 +273,7 @@ class MemoryPeaks:
         found = {name: tree_cpu(pids) for name, pids in self._trees.items()}
         # This process alone: the trees above are its children.
         found["bench"] = _cpu(os.getpid())
+        found["machine"] = machine_cpu()
         return {name: value for name, value in found.items() if value is not None}
 
     def sample(self) -> None:

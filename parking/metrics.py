@@ -43,8 +43,9 @@ class ParkingMetrics:
         )
         self.processing = Histogram(
             "parking_event_processing_seconds",
-            "Time to process one event, by kind",
-            ["kind"],
+            "Time to process one event, by kind and outcome (an entry that"
+            " completes a stay posts it, as an exit does)",
+            ["kind", "outcome"],
             buckets=FAST_BUCKETS,
             registry=registry,
         )
@@ -150,7 +151,7 @@ class ParkingMetrics:
         for kind in EventKind:
             for outcome in Outcome:
                 self.events.labels(kind, outcome)
-            self.processing.labels(kind)
+                self.processing.labels(kind, outcome)
             self.event_lag.labels(kind)
         for cause in SUMMARY_FAILURE_CAUSES:
             self.summary_failures.labels(cause)

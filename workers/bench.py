@@ -130,6 +130,17 @@ def plan_pipeline(count: int, ratio: float, lanes: int, token: str) -> Plan:
     return plan
 
 
+def waves(plan: Plan, order: str) -> list[list[list[Planned]]]:
+    """The lanes to send one after the other: all at once when interleaved,
+    else the entries first and then the exits, each lane in its own order."""
+    if order == "interleaved":
+        return [plan.lanes]
+    return [
+        [[item for item in lane if item.kind is kind] for lane in plan.lanes]
+        for kind in (EventKind.ENTRY, EventKind.EXIT)
+    ]
+
+
 def plan_noop(count: int, lanes: int) -> Plan:
     """No-op tasks over the same two queues the pipeline uses."""
     plan = Plan([[] for _ in range(lanes)])

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.parse
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,6 +31,7 @@ from workers.bench import (
     noop_counter_key,
     plan_noop,
     plan_pipeline,
+    waves,
 )
 from workers.bench_services import (
     Services,
@@ -96,7 +98,7 @@ class Bench:
             self.tail = measure.CsvTail(self.services.csv)
             self._metrics_dir = self.services.metrics_dir
             trees = self.services.pids()
-        self.memory = measure.MemoryPeaks(trees)
+        self.memory = measure.MemoryPeaks(trees | self._servers())
         self._pollers = [
             measure.Poller(self.tail.poll, 0.01, "bench-csv-tail"),
             measure.Poller(self.memory.sample, 0.5, "bench-memory"),
@@ -152,6 +154,22 @@ class Bench:
             return None
         return "no running worker has parking.bench_noop (--include workers.bench)"
 
+    def _servers(self) -> dict[str, list[int]]:
+        """RabbitMQ's and Redis's processes when they run on this machine: their
+        CPU per event belongs in the budget as much as the workers'."""
+        found = {}
+        for name, url, default in (
+            ("broker", self.settings.broker_url, 5672),
+            ("redis", self.settings.redis_url, 6379),
+        ):
+            parts = urllib.parse.urlsplit(url)
+            if parts.hostname not in ("127.0.0.1", "localhost", "::1"):
+                continue
+            pid = measure.listener_pid(parts.port or default)
+            if pid is not None:
+                found[name] = [pid]
+        return found
+
     # phases
 
     def baseline(self) -> dict[str, Any]:
@@ -182,7 +200,8 @@ class Bench:
             "completed": done,
             "seconds": round(elapsed, 3),
             "tasks_per_second": round(done / elapsed, 1),
-            "cpu_ms_per_task": _per(self.memory.cpu(), cpu_before, done),
+            "cpu_ms_per_task": (cpu := _per(self.memory.cpu(), cpu_before, done)),
+            "cores_busy": _cores(cpu, done, elapsed),
             "timed_out": done < count,
         }
 
@@ -210,15 +229,27 @@ class Bench:
         profilers = self._profile()
         cpu_before = self.memory.cpu()
         started = time.monotonic()
-        self.publisher.start(plan.lanes)
-        published_at = finished_at = None
+        pending = waves(plan, options.order)
+        wave = pending.pop(0)
+        self.publisher.start(wave)
+        sent_before = 0  # by the waves already sent
+        wave_started, publishing = started, 0.0  # seconds spent sending
+        wave_done = False
+        finished_at = None
         deadline = started + options.timeout
         while time.monotonic() < deadline and not self.publisher.errors:
             time.sleep(0.1)
-            sent = self.publisher.sent
-            if sent >= plan.size and published_at is None:
-                published_at = time.monotonic()
+            sent = sent_before + self.publisher.sent
             processed = self.processed_since(before)
+            if not wave_done and sent == sent_before + sum(map(len, wave)):
+                wave_done = True
+                publishing += time.monotonic() - wave_started
+            if pending and wave_done and (processed is None or processed >= sent):
+                # The next wave goes once the workers have done this one.
+                self.publisher.join()
+                sent_before, wave = sent, pending.pop(0)
+                wave_started, wave_done = time.monotonic(), False
+                self.publisher.start(wave)
             rows = count_rows()
             self._show(bars, sent, processed, rows)
             complete = processed is None or processed >= plan.size
@@ -235,16 +266,18 @@ class Bench:
             "expected_rows": len(plan.matched),
             "seconds": round(elapsed, 3),
             "events_per_second": round(plan.size / elapsed, 1),
-            "publish_per_second": round(
-                plan.size / ((published_at or time.monotonic()) - started), 1
+            "order": options.order,
+            "publish_per_second": (
+                round(plan.size / publishing, 1) if publishing > 0 else None
             ),
             "timed_out": finished_at is None,
             "redis_before": redis_before,
             "redis_after": measure.redis_stats(self.redis),
             "memory_peak_bytes": dict(self.memory.peaks),
             "cpu_ms_per_event": cpu_per_event,
+            "cores_busy": _cores(cpu_per_event, plan.size, elapsed),
         }
-        report |= self._processing(before, after)
+        report |= self.processing(before, after)
         report |= self._rows(plan, ours, tail_start)
         return report
 
@@ -283,7 +316,7 @@ class Bench:
             self.progress.update(bars["processed"], completed=processed)
         self.progress.update(bars["rows"], completed=rows)
 
-    def _processing(
+    def processing(
         self, before: measure.Samples | None, after: measure.Samples | None
     ) -> dict[str, Any]:
         if before is None or after is None:
@@ -301,6 +334,20 @@ class Bench:
                 "share_within_target": measure.share_within(
                     buckets, 0.003 if kind == "entry" else 0.01
                 ),
+            }
+        # Entries that open a visit touch Redis only; an entry that completes
+        # a stay whose exit came first also posts it, as an exit does.
+        for name, outcome in (
+            ("entry_opening", "opened"),
+            ("entry_completing", "matched"),
+        ):
+            buckets = measure.buckets(delta, PROCESSING, kind="entry", outcome=outcome)
+            processing[name] = {
+                "count": int(buckets[-1][1]) if buckets else 0,
+                **{
+                    f"p{round(q * 100)}_ms": _ms(measure.histogram_quantile(buckets, q))
+                    for q in (0.5, 0.95, 0.99)
+                },
             }
         # The exit's share spent posting the stay to the API.
         posts = measure.buckets(delta, SUMMARY_POST)
@@ -421,6 +468,13 @@ def _per(
         name: round((after[name] - before.get(name, 0.0)) * 1000 / max(count, 1), 3)
         for name in after
     }
+
+
+def _cores(per: dict[str, float], count: int, seconds: float) -> float | None:
+    """How many cores the whole machine kept busy over a phase."""
+    if "machine" not in per or seconds <= 0:
+        return None
+    return round(per["machine"] * count / 1000 / seconds, 2)
 
 
 def _ms(seconds: float | None) -> float | None:

@@ -133,6 +133,8 @@ class Soak:
             stop.set()
             thread.join()
         drained = self._drain(before, tail_start)
+        # At a rate the machine keeps up with, unlike the pipeline's flood.
+        processing = bench.processing(before, bench.metrics())["processing"]
         # After the drain, not at the steady rate: shown, left out of the trends.
         final = self._sample(time.monotonic() - started, before, tail_start)
         final["drained"] = True
@@ -152,6 +154,7 @@ class Soak:
                 "duplicated": len(rows) - len({row[stay] for _, row in rows}),
             },
             "end_to_end_ms": bench.latency(rows),
+            "processing": processing,
         }
 
     def _warmup(self) -> float:

@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 import pytest
 
 from parking.events import EventKind, parse_event
-from workers.bench import NOOP_TASK, plan_noop, plan_pipeline
+from workers.bench import NOOP_TASK, plan_noop, plan_pipeline, waves
 from workers.bench_soak import trends
 
 
@@ -67,6 +67,20 @@ def test_planned_events_are_valid_wire_format() -> None:
         parsed = parse_event(event, item.kind)
         assert parsed.plate == item.plate
         assert parsed.at == now
+
+
+def test_phased_waves_send_every_entry_before_any_exit_in_lane_order() -> None:
+    plan = plan_pipeline(300, 0.8, 4, "t")
+
+    entries, exits = waves(plan, "phased")
+
+    assert [len(lane) for lane in entries] == [75] * 4
+    assert all(i.kind is EventKind.ENTRY for lane in entries for i in lane)
+    assert all(i.kind is EventKind.EXIT for lane in exits for i in lane)
+    for lane, first, then in zip(plan.lanes, entries, exits, strict=True):
+        assert [i for i in lane if i.kind is EventKind.ENTRY] == first
+        assert [i for i in lane if i.kind is EventKind.EXIT] == then
+    assert waves(plan, "interleaved") == [plan.lanes]
 
 
 def test_noop_plan_splits_over_the_entry_and_exit_queues() -> None:

@@ -415,8 +415,11 @@ def test_processing_time_and_event_lag_are_observed(rig: Rig) -> None:
     handler.process_message(_entry("e2", at="2024-09-11T23:00:00Z"))
 
     labels = {"kind": "entry"}
+    processed = {"kind": "entry", "outcome": "opened"}
     assert (
-        rig.registry.get_sample_value("parking_event_processing_seconds_count", labels)
+        rig.registry.get_sample_value(
+            "parking_event_processing_seconds_count", processed
+        )
         == 2
     )
     assert rig.registry.get_sample_value("parking_event_lag_seconds_count", labels) == 2
@@ -424,6 +427,26 @@ def test_processing_time_and_event_lag_are_observed(rig: Rig) -> None:
         rig.registry.get_sample_value("parking_event_lag_seconds_sum", labels)
         == (NOW - ENTERED).total_seconds()
     )
+
+
+def test_an_entry_that_completes_a_stay_is_timed_apart_from_opening_ones(
+    rig: Rig,
+) -> None:
+    # It posts the stay as an exit does: its time is not an opening entry's.
+    rig.store.script = [Transition(Outcome.OPENED), MATCHED]
+    handler = rig.handler(EventKind.ENTRY)
+
+    handler.process_message(_entry())
+    handler.process_message(_entry("e2"))
+
+    def timed(outcome: str) -> float | None:
+        return rig.registry.get_sample_value(
+            "parking_event_processing_seconds_count",
+            {"kind": "entry", "outcome": outcome},
+        )
+
+    assert (timed("opened"), timed("matched")) == (1, 1)
+    assert len(rig.sink.recorded) == 1
 
 
 def test_a_store_outage_propagates_and_counts_nothing(rig: Rig) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import os
+import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -148,3 +150,28 @@ def test_row_counter_counts_only_new_rows_of_the_plates(tmp_path: Path) -> None:
     tail.poll()
     assert count() == 2
     assert count() == 2  # nothing new
+
+
+def test_listener_pid_finds_the_process_that_listens_on_a_port() -> None:
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        port = server.getsockname()[1]
+        # Bound but not listening is not a server yet.
+        assert measure.listener_pid(port) is None
+        server.listen()
+        assert measure.listener_pid(port) == os.getpid()
+    assert measure.listener_pid(port) is None
+
+
+def test_machine_cpu_grows_while_this_process_works() -> None:
+    before = measure.machine_cpu()
+    assert before is not None
+    assert before > 0
+    spent = time.process_time()
+    while time.process_time() - spent < 0.2:
+        pass
+    after = measure.machine_cpu()
+    assert after is not None
+    # Every core's busy time counts, this process's 0.2 s among it
+    # (in ticks of 10 ms, hence the margin).
+    assert after - before >= 0.15
