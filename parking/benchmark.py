@@ -59,6 +59,7 @@ class BenchOptions:
     api_only: bool = False
     match_ratio: float = 0.8
     order: str = "phased"
+    path: str = "celery"
     worker_log_level: str = "INFO"
     metrics_url: str | None = None
     worker_pids: list[int] = field(default_factory=list)
@@ -98,6 +99,9 @@ def _isolate(options: BenchOptions) -> None:
     # database is the same one and nothing else is touched.
     os.environ["PARKING_REDIS_DB_STORE"] = str(options.redis_db)
     os.environ["PARKING_REDIS_DB_GENERATOR"] = str(options.redis_db)
+    # The raw queues of cameras that publish plain JSON, the bench's own too.
+    os.environ["PARKING_RAW_ENTRY_QUEUE"] = f"{options.queue_prefix}.vehicle_entry"
+    os.environ["PARKING_RAW_EXIT_QUEUE"] = f"{options.queue_prefix}.vehicle_exit"
     get_settings.cache_clear()
     if not options.concurrency:
         options.concurrency = get_settings().worker_concurrency
@@ -162,6 +166,15 @@ def _claim_database(options: BenchOptions) -> redis.Redis | None:
     help="Measure the API alone: no baseline, no pipeline.",
 )
 @click.option("--match-ratio", default=0.8, help="Share of exits that have an entry.")
+@click.option(
+    "--path",
+    type=click.Choice(["celery", "plain"]),
+    default="celery",
+    show_default=True,
+    help="celery: events as the processing tasks; plain: bare JSON on the raw"
+    " queues, consumed by --workers `parking ingest` processes (the baseline"
+    " stays the Celery no-op).",
+)
 @click.option(
     "--order",
     type=click.Choice(["phased", "interleaved"]),
@@ -351,7 +364,7 @@ def render_run(report: dict[str, Any]) -> None:
     table = Table(
         title=f"parking bench: {options['count']:,} entries + {options['count']:,} exits,"
         f" {options['workers']} x {options['pool']} -c {options['concurrency']},"
-        f" {options.get('order', 'interleaved')}"
+        f" {options.get('order', 'interleaved')}, {options.get('path', 'celery')} path"
     )
     table.add_column("measure")
     table.add_column("value", justify="right")

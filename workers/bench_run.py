@@ -62,7 +62,9 @@ class Bench:
         db = self.settings.redis_db_store
         self.redis = redis.Redis.from_url(self.settings.redis_connection_url(db))
         self.services: Services | None = None
-        self.publisher = Publisher(self.settings, options.confirm)
+        self.publisher = Publisher(
+            self.settings, options.confirm, plain=options.path == "plain"
+        )
         self.tail: measure.CsvTail | None = None
         self.memory = measure.MemoryPeaks({})
         self._pollers: list[measure.Poller] = []

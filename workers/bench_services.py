@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from parking.benchmark import BenchOptions
+from parking.events import EventKind
 from parking.ports import free_port
 from parking.settings import Settings
 from workers import topology
@@ -40,6 +41,8 @@ class Services:
         self.api_url = ""
         self.api: subprocess.Popen[bytes] | None = None
         self.workers: list[subprocess.Popen[bytes]] = []
+        #: ``parking ingest`` processes, on the plain path only.
+        self.ingest: list[subprocess.Popen[bytes]] = []
 
     def worker_command(self, number: int) -> list[str]:
         queues = ",".join(self.settings.queue(k) for k in ("entry", "exit", "generate"))
@@ -76,6 +79,14 @@ class Services:
             env = worker_env | {"PARKING_WORKER_METRICS_PORT": str(free_port())}
             command = self.worker_command(number)
             self.workers.append(self._spawn(f"worker{number}", command, env))
+        if self.options.path == "plain":
+            # As many processes handle events as on the Celery path: one per
+            # pool slot of every worker.
+            ingest = [sys.executable, "-m", "parking", "ingest"]
+            slots = self.options.workers * self.options.concurrency
+            for number in range(1, slots + 1):
+                env = worker_env | {"PARKING_INGEST_METRICS_PORT": str(free_port())}
+                self.ingest.append(self._spawn(f"ingest{number}", ingest, env))
         _wait(self._consuming, 120, "workers consuming")
 
     def _spawn(
@@ -92,20 +103,23 @@ class Services:
         return process
 
     def _consuming(self) -> bool:
-        for process in [*self.workers, self.api]:
+        for process in [*self.workers, *self.ingest, self.api]:
             if process is not None and process.poll() is not None:
                 raise RuntimeError(
                     f"a bench process exited early; see the logs in {self.work_dir}"
                 )
-        states = [queue_state(self.settings.queue(k)) for k in ("entry", "exit")]
+        names = [self.settings.queue(k) for k in ("entry", "exit")]
+        if self.options.path == "plain":
+            names += [topology.raw_queue_name(self.settings, k) for k in EventKind]
+        states = [queue_state(name) for name in names]
         return all(s is not None and s[1] >= self.options.workers for s in states)
 
     def stop(self) -> None:
-        for process in [*self.workers, self.api]:
+        for process in [*self.workers, *self.ingest, self.api]:
             if process is None or process.poll() is not None:
                 continue
             process.send_signal(signal.SIGTERM)  # warm shutdown
-        for process in [*self.workers, self.api]:
+        for process in [*self.workers, *self.ingest, self.api]:
             if process is None:
                 continue
             try:
@@ -116,7 +130,8 @@ class Services:
 
     def pids(self) -> dict[str, list[int]]:
         return {
-            "worker": [p.pid for p in self.workers],
+            # The processes that consume the events, whichever path.
+            "worker": [p.pid for p in [*self.workers, *self.ingest]],
             "api": [self.api.pid] if self.api else [],
         }
 
@@ -170,7 +185,8 @@ def queue_state(name: str) -> tuple[int, int] | None:
 
 def prepare_queues(settings: Settings, purge: bool) -> None:
     with app.connection_for_write() as conn:
-        for queue in topology.task_queues(settings):
+        raw = [topology.raw_queue(settings, kind) for kind in EventKind]
+        for queue in [*topology.task_queues(settings), *raw]:
             bound = queue.bind(conn.default_channel)
             bound.declare()
             if purge:
@@ -183,6 +199,8 @@ def delete_topology(settings: Settings) -> None:
         channel = conn.default_channel
         for kind in (*topology.KINDS, "dead"):
             channel.queue_delete(settings.queue(kind))
+        for event_kind in EventKind:
+            channel.queue_delete(topology.raw_queue_name(settings, event_kind))
         for exchange in (
             topology.task_exchange(settings),
             topology.dead_letter_exchange(settings),

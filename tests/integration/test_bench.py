@@ -49,7 +49,10 @@ def _ordered(figures: dict[str, Any]) -> bool:
 
 
 def test_small_run_loses_and_doubles_no_row_and_reports_sane_figures() -> None:
-    code, report, stderr = _bench("-n", "300", "--baseline", "400", "--api-rows", "200")
+    code, report, stderr = _bench(
+        "-n", "300", "--baseline", "400", "--api-rows", "200",
+        "--order", "interleaved",
+    )  # fmt: skip
 
     assert code == 0, stderr[-3000:]
     pipeline = report["pipeline"]
@@ -91,8 +94,38 @@ def test_small_run_loses_and_doubles_no_row_and_reports_sane_figures() -> None:
     }
 
 
+def test_plain_path_in_phases_opens_every_visit_before_any_exit() -> None:
+    # Bare JSON on the raw queues, consumed by `parking ingest` processes;
+    # the exits are sent only once every entry has been processed.
+    code, report, stderr = _bench(
+        "-n", "300", "--baseline", "50", "--api-rows", "0", "--path", "plain",
+    )  # fmt: skip
+
+    assert code == 0, stderr[-3000:]
+    pipeline = report["pipeline"]
+    assert pipeline["order"] == "phased"
+    assert pipeline["rows"] == {
+        "expected": 240, "written": 240, "lost": 0, "duplicated": 0, "unexpected": 0,
+    }  # fmt: skip
+    assert pipeline["outcomes"] == {
+        "entry/opened": 300, "exit/matched": 240, "exit/pending": 60,
+    }  # fmt: skip
+    processing = pipeline["processing"]
+    assert processing["entry_opening"]["count"] == 300
+    assert processing["entry_completing"]["count"] == 0
+    # The RabbitMQ and Redis of this machine are local: their CPU is counted,
+    # and the whole machine's is more than the parts measured.
+    cpu = pipeline["cpu_ms_per_event"]
+    assert cpu["broker"] > 0
+    assert cpu["redis"] > 0
+    assert cpu["machine"] > cpu["worker"] + cpu["api"]
+    assert 0 < pipeline["cores_busy"] <= os.cpu_count()  # type: ignore[operator]
+
+
 def test_bench_leaves_its_database_empty_and_its_queues_gone() -> None:
-    code, _, stderr = _bench("-n", "20", "--baseline", "20", "--api-rows", "0")
+    code, _, stderr = _bench(
+        "-n", "20", "--baseline", "20", "--api-rows", "0", "--path", "plain"
+    )  # fmt: skip
 
     assert code == 0, stderr[-3000:]
     settings = get_settings()
@@ -102,6 +135,8 @@ def test_bench_leaves_its_database_empty_and_its_queues_gone() -> None:
     assert client.dbsize() == 0
     assert queue_state(f"{PREFIX}.entry") is None
     assert queue_state(f"{PREFIX}.exit") is None
+    assert queue_state(f"{PREFIX}.vehicle_entry") is None
+    assert queue_state(f"{PREFIX}.vehicle_exit") is None
 
 
 def _alive(pid: int) -> bool:
