@@ -98,6 +98,15 @@ def samples_from_dir(path: Path) -> Samples:
     return _flatten(registry.collect())
 
 
+def counters_from_dir(path: Path) -> Samples:
+    """The counters alone of a multiprocess directory: a tenth of the cost of
+    every sample (the histograms' buckets are most of the files), for a
+    progress check several times a second beside what it measures."""
+    files = sorted(str(found) for found in path.glob("counter_*.db"))
+    merged = MultiProcessCollector.merge(files, accumulate=True)  # type: ignore[no-untyped-call]
+    return _flatten(merged)
+
+
 def samples_from_url(url: str, timeout: float = 5.0) -> Samples:
     with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310
         text = response.read().decode("utf-8")

@@ -119,6 +119,14 @@ class Bench:
 
     # readings
 
+    def _counters(self) -> measure.Samples | None:
+        assert self._metrics_dir is not None
+        try:
+            return measure.counters_from_dir(self._metrics_dir)
+        except (OSError, ValueError) as exc:
+            logger.warning("worker metrics unreadable error=%s", exc)
+            return None
+
     def metrics(self) -> measure.Samples | None:
         try:
             if self._metrics_dir is not None:
@@ -130,7 +138,7 @@ class Bench:
         return None
 
     def processed_since(self, before: measure.Samples | None) -> int | None:
-        now = self.metrics()
+        now = self._counters() if self._metrics_dir is not None else self.metrics()
         if now is None or before is None:
             return None
         delta = measure.difference(now, before)

@@ -2,7 +2,9 @@
 
 ``parking ingest`` consumes the raw queues and runs each event through the
 same handlers as the Celery tasks. A message is acked only after its event is
-applied; bad input is rejected to the dead letters; when a dependency is down
+applied, in batches (``ACK_BATCH``, or once the feed pauses): a message
+processed and not yet acked when the consumer dies is delivered again and
+found a duplicate; bad input is rejected to the dead letters; when a dependency is down
 the event is handed to the Celery task with a countdown, whose retries take it
 from there, and only then acked (publisher confirms make that hand-over safe).
 
@@ -15,9 +17,11 @@ Redis as well, stalls with it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
-from collections.abc import Callable, Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from kombu.connection import Connection
@@ -35,6 +39,15 @@ logger = logging.getLogger(__name__)
 #: Hands an event that met an outage to the Celery path, delayed by seconds.
 Handoff = Callable[[EventKind, Any, int], None]
 
+#: Processed messages acknowledged together, by one ack with ``multiple``:
+#: a quorum queue settles them in one step instead of one each, which was a
+#: third of RabbitMQ's CPU per event. Far below the prefetch, so the broker
+#: never waits for an ack to deliver more.
+ACK_BATCH = 16
+#: Longest a processed message waits for its ack while messages keep coming;
+#: when none come, the consumer's one-second idle tick acks it.
+ACK_DELAY_SECONDS = 0.05
+
 
 class PlainEventConsumer(ConsumerMixin):
     def __init__(
@@ -50,6 +63,13 @@ class PlainEventConsumer(ConsumerMixin):
         self._handlers = handlers
         self._handoff = handoff
         self._prefetch = prefetch
+        # The newest processed message not acked yet, how many wait with it,
+        # and since when. Messages are handled one at a time in delivery
+        # order on one channel, so acking it with ``multiple`` acks exactly
+        # the messages processed before it.
+        self._unacked: Message | None = None
+        self._waiting = 0
+        self._since = 0.0
 
     def get_consumers(self, consumer: Any, channel: Any) -> list[Any]:
         topology.declare_dead_letters(self.connection, self._settings)
@@ -68,6 +88,49 @@ class PlainEventConsumer(ConsumerMixin):
         names = [topology.raw_queue_name(self._settings, k) for k in EventKind]
         logger.info("plain ingest consuming queues=%s", ",".join(names))
 
+    @contextlib.contextmanager
+    def extra_context(self, connection: Any, channel: Any) -> Iterator[None]:
+        try:
+            yield
+        finally:
+            # Leaving the channel (stop, or a connection lost): ack what is
+            # done while the channel may still take it. What cannot be acked
+            # is redelivered and found a duplicate, never applied twice.
+            with contextlib.suppress(Exception):
+                self.flush_acks()
+            self._unacked, self._waiting = None, 0
+
+    @property
+    def acks_waiting(self) -> int:
+        """Processed messages not acked yet."""
+        return self._waiting
+
+    def on_iteration(self) -> None:
+        if self._unacked is not None and (
+            time.monotonic() - self._since >= ACK_DELAY_SECONDS
+        ):
+            self.flush_acks()
+
+    def flush_acks(self) -> None:
+        """Ack every message processed so far."""
+        message, self._unacked, self._waiting = self._unacked, None, 0
+        if message is not None:
+            message.ack(multiple=True)
+
+    def _done(self, message: Message) -> None:
+        if self._unacked is None:
+            self._since = time.monotonic()
+        self._unacked = message
+        self._waiting += 1
+        if self._waiting >= ACK_BATCH:
+            self.flush_acks()
+
+    def _refuse(self, message: Message) -> None:
+        # The acks of the messages before it go first: one rejected message
+        # never holds up, nor takes with it, the acks of the others.
+        self.flush_acks()
+        message.reject(requeue=False)
+
     def _on_message(self, kind: EventKind) -> Callable[[Message], None]:
         def receive(message: Message) -> None:
             self.process(kind, message)
@@ -83,21 +146,21 @@ class PlainEventConsumer(ConsumerMixin):
                 "plain event rejected kind=%s reason=%s detail=%s",
                 kind, exc.reason, exc.detail,
             )  # fmt: skip
-            message.reject(requeue=False)
+            self._refuse(message)
         except SummaryRejected as exc:
             logger.error("summary refused kind=%s error=%s", kind, exc)
-            message.reject(requeue=False)
+            self._refuse(message)
         except TemporaryFailure as exc:
             logger.warning("plain event handed to retries kind=%s error=%s", kind, exc)
             self._handoff(kind, decode_json(body), 1)
-            message.ack()
+            self._done(message)
         except Exception:
             # A bug must not end the consumer (and with it every camera's
             # feed): the message goes to the dead letters, like a failed task.
             logger.exception("plain event failed kind=%s; dead-lettered", kind)
-            message.reject(requeue=False)
+            self._refuse(message)
         else:
-            message.ack()
+            self._done(message)
 
 
 def run(settings: Settings) -> None:

@@ -15,7 +15,7 @@ from parking.events import EventKind
 from parking.settings import get_settings
 from tests.services import ApiServer, wait_until
 from workers import runtime, topology
-from workers.ingest import PlainEventConsumer, publish_plain
+from workers.ingest import ACK_BATCH, PlainEventConsumer, publish_plain
 from workers.tasks import publish_events
 
 STAYS = [
@@ -55,6 +55,9 @@ def _stays(rows: list[dict[str, str]]) -> set[tuple[str, ...]]:
     return {tuple(row[c] for c in columns) for row in rows}
 
 
+INGEST_THREAD = "test-plain-ingest"
+
+
 @pytest.fixture
 def ingest(api_server: ApiServer) -> Iterator[PlainEventConsumer]:
     settings = get_settings()
@@ -67,7 +70,7 @@ def ingest(api_server: ApiServer) -> Iterator[PlainEventConsumer]:
         consumer = PlainEventConsumer(
             connection, settings, handlers, lambda *a: handed.append(a)
         )
-        thread = threading.Thread(target=consumer.run, daemon=True)
+        thread = threading.Thread(target=consumer.run, daemon=True, name=INGEST_THREAD)
         thread.start()
         try:
             yield consumer
@@ -155,3 +158,54 @@ def test_bad_plain_messages_are_dead_lettered_and_the_rest_processed(
 
     wait_until(all_dead)
     assert sorted(dead) == sorted(body for _, body in bad)
+
+
+def _stopped(consumer: PlainEventConsumer) -> bool:
+    consumer.should_stop = True
+    return not any(t.name == INGEST_THREAD for t in threading.enumerate())
+
+
+def _left_in_raw_queues() -> int:
+    """Messages the broker still holds for the raw queues (taken, not counted
+    from statistics: a consumer that went away gave its unacked ones back)."""
+    settings = get_settings()
+    found = 0
+    with Connection(settings.broker_connection_url) as connection:
+        for kind in EventKind:
+            queue = topology.raw_queue(settings, kind).bind(connection.default_channel)
+            while queue.get(no_ack=True) is not None:
+                found += 1
+    return found
+
+
+def test_processed_messages_are_acked_once_the_feed_goes_quiet(
+    api_server: ApiServer, ingest: PlainEventConsumer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _purge_raw()
+    plain = [(kind, json.dumps(event).encode()) for kind, event in _events("quiet")]
+    publish_plain(get_settings(), plain)
+    wait_until(lambda: len(api_server.rows()) == len(STAYS))
+
+    # Fewer than a batch: only the consumer's idle tick can ack them.
+    assert len(plain) < ACK_BATCH
+    wait_until(lambda: ingest.acks_waiting == 0, timeout=10)
+    # Leave as a crash would, acking nothing more: nothing comes back.
+    monkeypatch.setattr(ingest, "flush_acks", lambda: None)
+    wait_until(lambda: _stopped(ingest), timeout=10)
+    assert _left_in_raw_queues() == 0
+
+
+def test_a_consumer_that_stops_acks_what_it_processed_first(
+    api_server: ApiServer, ingest: PlainEventConsumer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # No idle tick acks anything now: only the ack on leaving the channel.
+    monkeypatch.setattr("workers.ingest.ACK_DELAY_SECONDS", 3600.0)
+    _purge_raw()
+    plain = [(kind, json.dumps(event).encode()) for kind, event in _events("stop")]
+    publish_plain(get_settings(), plain)
+    wait_until(lambda: len(api_server.rows()) == len(STAYS))
+    assert ingest.acks_waiting == len(plain)
+
+    wait_until(lambda: _stopped(ingest), timeout=10)
+    # Nothing went back to the queues to be delivered again.
+    assert _left_in_raw_queues() == 0

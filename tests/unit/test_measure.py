@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 import os
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -175,3 +177,27 @@ def test_machine_cpu_grows_while_this_process_works() -> None:
     # Every core's busy time counts, this process's 0.2 s among it
     # (in ticks of 10 ms, hence the margin).
     assert after - before >= 0.15
+
+
+def test_counters_from_dir_read_the_counters_of_every_process(tmp_path: Path) -> None:
+    # Multiprocess mode is chosen when prometheus_client is imported, so
+    # the writers are processes of their own, as a worker's children are.
+    writer = (
+        "from prometheus_client import Counter, Histogram\n"
+        "Counter('done', 'd', ['kind']).labels('entry').inc(3)\n"
+        "Histogram('took_seconds', 't').observe(0.1)\n"
+    )
+    for _ in range(2):
+        subprocess.run(
+            [sys.executable, "-c", writer],
+            env=os.environ | {"PROMETHEUS_MULTIPROC_DIR": str(tmp_path)},
+            check=True,
+        )
+
+    counters = measure.counters_from_dir(tmp_path)
+    everything = measure.samples_from_dir(tmp_path)
+
+    assert measure.total(counters, "done_total", kind="entry") == 6
+    assert measure.total(everything, "done_total", kind="entry") == 6
+    assert not any(name.startswith("took_seconds") for name, _ in counters)
+    assert measure.total(everything, "took_seconds_count") == 2
