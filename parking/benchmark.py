@@ -172,8 +172,8 @@ def _claim_database(options: BenchOptions) -> redis.Redis | None:
     default="celery",
     show_default=True,
     help="celery: events as the processing tasks; plain: bare JSON on the raw"
-    " queues, consumed by --workers `parking ingest` processes (the baseline"
-    " stays the Celery no-op).",
+    " queues, consumed by one `parking ingest` process per pool slot (the"
+    " baseline stays the Celery no-op).",
 )
 @click.option(
     "--order",

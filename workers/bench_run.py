@@ -333,17 +333,10 @@ class Bench:
             return {"processing": None, "outcomes": None}
         delta = measure.difference(after, before)
         processing: dict[str, Any] = {}
-        for kind in ("entry", "exit"):
+        for kind, target in (("entry", 0.003), ("exit", 0.01)):
             buckets = measure.buckets(delta, PROCESSING, kind=kind)
-            processing[kind] = {
-                "count": int(buckets[-1][1]) if buckets else 0,
-                **{
-                    f"p{round(q * 100)}_ms": _ms(measure.histogram_quantile(buckets, q))
-                    for q in (0.5, 0.95, 0.99)
-                },
-                "share_within_target": measure.share_within(
-                    buckets, 0.003 if kind == "entry" else 0.01
-                ),
+            processing[kind] = _spread(buckets) | {
+                "share_within_target": measure.share_within(buckets, target)
             }
         # Entries that open a visit touch Redis only; an entry that completes
         # a stay whose exit came first also posts it, as an exit does.
@@ -351,23 +344,11 @@ class Bench:
             ("entry_opening", "opened"),
             ("entry_completing", "matched"),
         ):
-            buckets = measure.buckets(delta, PROCESSING, kind="entry", outcome=outcome)
-            processing[name] = {
-                "count": int(buckets[-1][1]) if buckets else 0,
-                **{
-                    f"p{round(q * 100)}_ms": _ms(measure.histogram_quantile(buckets, q))
-                    for q in (0.5, 0.95, 0.99)
-                },
-            }
+            processing[name] = _spread(
+                measure.buckets(delta, PROCESSING, kind="entry", outcome=outcome)
+            )
         # The exit's share spent posting the stay to the API.
-        posts = measure.buckets(delta, SUMMARY_POST)
-        processing["summary_post"] = {
-            "count": int(posts[-1][1]) if posts else 0,
-            **{
-                f"p{round(q * 100)}_ms": _ms(measure.histogram_quantile(posts, q))
-                for q in (0.5, 0.95, 0.99)
-            },
-        }
+        processing["summary_post"] = _spread(measure.buckets(delta, SUMMARY_POST))
         outcomes: dict[str, int] = {}
         for (name, labels), value in sorted(delta.items()):
             if name == EVENTS_TOTAL and value:
@@ -477,6 +458,17 @@ def _per(
     return {
         name: round((after[name] - before.get(name, 0.0)) * 1000 / max(count, 1), 3)
         for name in after
+    }
+
+
+def _spread(buckets: list[tuple[float, float]]) -> dict[str, Any]:
+    """Count and p50/p95/p99 in milliseconds of a histogram's buckets."""
+    return {
+        "count": int(buckets[-1][1]) if buckets else 0,
+        **{
+            f"p{round(q * 100)}_ms": _ms(measure.histogram_quantile(buckets, q))
+            for q in (0.5, 0.95, 0.99)
+        },
     }
 
 
