@@ -206,6 +206,11 @@ def _claim_database(options: BenchOptions) -> redis.Redis | None:
 def bench(**params: Any) -> None:
     """Measure the pipeline beside a no-op Celery baseline, or soak it."""
     options = _options(params)
+    if options.profile is not None and py_spy() is None:
+        raise click.ClickException(
+            "--profile records with py-spy, which is not installed: "
+            "`.venv/bin/pip install py-spy`"
+        )
     # SIGTERM unwinds like Ctrl-C: the services stop and the database is emptied.
     signal.signal(signal.SIGTERM, _terminated)
     _isolate(options)
@@ -227,6 +232,12 @@ def bench(**params: Any) -> None:
     if options.as_json:
         click.echo(json.dumps(report, indent=2, sort_keys=True))
     sys.exit(1 if failed else 0)
+
+
+def py_spy() -> str | None:
+    """py-spy on the PATH or beside this Python (a virtualenv's bin)."""
+    beside = Path(sys.executable).with_name("py-spy")
+    return shutil.which("py-spy") or (str(beside) if beside.exists() else None)
 
 
 def _terminated(signum: int, _: object) -> None:

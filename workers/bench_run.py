@@ -6,21 +6,20 @@ import json
 import logging
 import os
 import secrets
-import shutil
 import signal
 import subprocess
-import sys
 import time
 import urllib.parse
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import click
 import redis
 
 from parking import measure
 from parking.api.serving import choose
-from parking.benchmark import BenchOptions
+from parking.benchmark import BenchOptions, py_spy
 from parking.settings import get_settings
 from parking.stays import Stay, Visit
 from workers.app import app
@@ -83,13 +82,16 @@ class Bench:
             )
             trees = {"worker": options.worker_pids, "api": options.api_pids}
         else:
-            prepare_queues(self.settings, purge=True)
+            # Checked before the purge: a bench that refuses to run must not
+            # have emptied the queues of the one it found.
             state = queue_state(self.settings.queue("entry"))
             if state is not None and state[1] > 0:
-                raise RuntimeError(
+                raise click.ClickException(
                     f"queue {self.settings.queue('entry')} already has consumers: "
-                    "is another bench running on this broker?"
+                    "is another bench running on this broker? Give this one a "
+                    "--queue-prefix and --redis-db of its own."
                 )
+            prepare_queues(self.settings, purge=True)
             self.services = Services(options, self.settings, options.work_dir)
             try:
                 self.services.start()
@@ -298,7 +300,8 @@ class Bench:
         target = self.options.profile
         if target is None or self.services is None:
             return []
-        spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+        spy = py_spy()
+        assert spy is not None  # checked before the run starts
         target.mkdir(parents=True, exist_ok=True)
         pids = self.services.pids()
         named = {f"api-alone-{pid}": pid for pid in pids["api"]}

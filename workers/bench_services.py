@@ -50,7 +50,7 @@ class Services:
             sys.executable, "-m", "celery", "-A", "workers", "worker",
             "-Q", queues, "--include", "workers.bench",
             "-P", self.options.pool, "-c", str(self.options.concurrency),
-            "-n", f"bench{number}@%h", "-l", self.options.worker_log_level, "-E",
+            "-n", f"{self.settings.queue_prefix}{number}@%h", "-l", self.options.worker_log_level, "-E",
         ]  # fmt: skip
 
     def start(self) -> None:

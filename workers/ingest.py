@@ -57,8 +57,10 @@ class PlainEventConsumer(ConsumerMixin):
         handlers: Mapping[EventKind, MessageHandler],
         handoff: Handoff,
         prefetch: int = 64,
+        delayed_queue_type: str = "quorum",
     ) -> None:
         self.connection = connection
+        self._delayed_queue_type = delayed_queue_type
         self._settings = settings
         self._handlers = handlers
         self._handoff = handoff
@@ -72,7 +74,11 @@ class PlainEventConsumer(ConsumerMixin):
         self._since = 0.0
 
     def get_consumers(self, consumer: Any, channel: Any) -> list[Any]:
-        topology.declare_dead_letters(self.connection, self._settings)
+        # Dead letters for bad input; the task queues and Celery's delayed
+        # delivery for handoffs, whether or not a worker has started yet.
+        topology.declare_delayed_delivery(
+            self.connection, self._settings, self._delayed_queue_type
+        )
         return [
             consumer(
                 queues=[topology.raw_queue(self._settings, kind)],
@@ -98,7 +104,13 @@ class PlainEventConsumer(ConsumerMixin):
             # is redelivered and found a duplicate, never applied twice.
             with contextlib.suppress(Exception):
                 self.flush_acks()
-            self._unacked, self._waiting = None, 0
+
+    def on_consume_end(self, connection: Any, channel: Any) -> None:
+        # Cancelling the consumers waits for the broker, and messages that
+        # arrive meanwhile are still processed: their acks go now, before
+        # the channel closes and would hand them out again.
+        with contextlib.suppress(Exception):
+            self.flush_acks()
 
     @property
     def acks_waiting(self) -> int:
@@ -118,6 +130,10 @@ class PlainEventConsumer(ConsumerMixin):
             message.ack(multiple=True)
 
     def _done(self, message: Message) -> None:
+        if self._unacked is not None and self._unacked.channel is not message.channel:
+            # A channel since lost: the broker hands those messages out again,
+            # and their delivery tags mean nothing on this one.
+            self._unacked, self._waiting = None, 0
         if self._unacked is None:
             self._since = time.monotonic()
         self._unacked = message
@@ -166,6 +182,7 @@ class PlainEventConsumer(ConsumerMixin):
 def run(settings: Settings) -> None:
     """Consume until interrupted (ConsumerMixin reconnects by itself)."""
     from workers import runtime
+    from workers.app import app
     from workers.tasks import PROCESSORS
 
     def handoff(kind: EventKind, event: Any, countdown: int) -> None:
@@ -180,7 +197,13 @@ def run(settings: Settings) -> None:
         transport_options={"confirm_publish": True},
         heartbeat=30,
     ) as connection:
-        consumer = PlainEventConsumer(connection, settings, handlers, handoff)
+        consumer = PlainEventConsumer(
+            connection,
+            settings,
+            handlers,
+            handoff,
+            delayed_queue_type=app.conf.broker_native_delayed_delivery_queue_type,
+        )
 
         def stop(signum: int, _: object) -> None:
             # Finish the message in hand, then leave; unacked ones are requeued.

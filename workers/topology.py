@@ -11,6 +11,10 @@ from typing import Any
 
 from kombu.connection import Connection
 from kombu.entity import Exchange, Queue
+from kombu.transport.native_delayed_delivery import (
+    bind_queue_to_native_delayed_delivery_exchange,
+    declare_native_delayed_delivery_exchanges_and_queues,
+)
 
 from parking.events import EventKind
 from parking.settings import Settings
@@ -80,6 +84,23 @@ def declare_topology(connection: Connection, settings: Settings) -> None:
     channel = connection.default_channel
     for queue in task_queues(settings):
         queue.bind(channel).declare()
+
+
+def declare_delayed_delivery(
+    connection: Connection, settings: Settings, queue_type: str = "quorum"
+) -> None:
+    """Celery's native delayed delivery, as a worker declares it at start.
+
+    A countdown retry is published to the ``celery_delayed_*`` exchanges and
+    reaches its task queue through the delivery exchange's bindings; a
+    process that hands events to the tasks with a countdown (``parking
+    ingest``) must not depend on a worker having started first, or its
+    handoffs fail with a missing exchange.
+    """
+    declare_topology(connection, settings)
+    declare_native_delayed_delivery_exchanges_and_queues(connection, queue_type)
+    for queue in task_queues(settings):
+        bind_queue_to_native_delayed_delivery_exchange(connection, queue)
 
 
 def raw_queue_name(settings: Settings, kind: EventKind) -> str:

@@ -41,6 +41,10 @@ class PostFastLane:
         ):
             await self._app(scope, receive, send)
             return
+        if self._route is not None:
+            # As the router would, for the request timer's label, whoever
+            # answers and however the request ends (413, 500, a client gone).
+            scope["route"] = self._route
         body = await _body(receive)
         if body is None:  # the client left before its body was in
             return
@@ -49,8 +53,6 @@ class PostFastLane:
             await self._app(scope, _replay(body, receive), send)
             return
         status, payload = answer
-        if self._route is not None:
-            scope["route"] = self._route
         await send(
             {
                 "type": "http.response.start",

@@ -12,9 +12,12 @@ from typing import Any
 
 import pytest
 import redis
+from kombu.connection import Connection
+from kombu.messaging import Producer
 
 from parking.settings import get_settings
 from tests.services import wait_until
+from workers import topology
 from workers.bench_services import queue_state
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -202,3 +205,31 @@ def test_short_soak_keeps_every_stay_and_samples_the_series() -> None:
     assert all(point["worker_rss"] > 0 for point in soak["series"])
     assert soak["series"][-1]["rows"] == soak["rows"]["expected"]
     assert soak["trends"]["worker_rss"]["per_hour"] is not None
+
+
+def test_a_bench_that_finds_another_refuses_before_touching_its_queues() -> None:
+    settings = get_settings().model_copy(update={"queue_prefix": PREFIX})
+    queues = {queue.name: queue for queue in topology.task_queues(settings)}
+    with Connection(settings.broker_connection_url) as connection:
+        channel = connection.channel()
+        entry = queues[f"{PREFIX}.entry"].bind(channel)
+        exit_ = queues[f"{PREFIX}.exit"].bind(connection.default_channel)
+        entry.declare()
+        exit_.declare()
+        exit_.purge()
+        producer = Producer(connection.default_channel)
+        for n in range(5):
+            producer.publish({"n": n}, routing_key=exit_.name, delivery_mode=2)
+        entry.consume(callback=lambda *a: None)  # the other bench's worker
+        try:
+            code, _, stderr = _bench("-n", "20", "--baseline", "20", "--api-rows", "0")
+        finally:
+            channel.close()
+        try:
+            assert code == 1
+            assert "already has consumers" in stderr
+            assert "Traceback" not in stderr
+            assert exit_.queue_declare(passive=True).message_count == 5
+        finally:
+            for queue in queues.values():
+                queue.bind(connection.default_channel).delete()

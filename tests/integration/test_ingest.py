@@ -16,7 +16,7 @@ from parking.settings import get_settings
 from tests.services import ApiServer, wait_until
 from workers import runtime, topology
 from workers.ingest import ACK_BATCH, PlainEventConsumer, publish_plain
-from workers.tasks import publish_events
+from workers.tasks import PROCESSORS, publish_events
 
 STAYS = [
     ("PLN-001", "2024-09-11T21:24:56.123456789Z", "2024-09-11T23:00:00.987654321Z"),
@@ -209,3 +209,86 @@ def test_a_consumer_that_stops_acks_what_it_processed_first(
     wait_until(lambda: _stopped(ingest), timeout=10)
     # Nothing went back to the queues to be delivered again.
     assert _left_in_raw_queues() == 0
+
+
+def test_a_consumer_stopped_mid_stream_hands_back_only_what_it_did_not_process(
+    api_server: ApiServer, ingest: PlainEventConsumer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Stopping cancels the consumers, and messages that arrive while the
+    # broker confirms that are still processed: they must be acked too.
+    _purge_raw()
+    processed = []
+    process = ingest.process
+
+    def counted(kind: EventKind, message: Any) -> None:
+        process(kind, message)
+        processed.append(kind)
+        if len(processed) == 200:
+            ingest.should_stop = True  # mid-stream, with messages in flight
+
+    monkeypatch.setattr(ingest, "process", counted)
+    entries = [
+        (EventKind.ENTRY, json.dumps(event).encode())
+        for event in (
+            {"id": f"mid-{n}", "vehicle_plate": f"MID{n:05d}",
+             "entry_date_time": "2024-09-11T21:00:00Z"}
+            for n in range(1500)
+        )
+    ]  # fmt: skip
+    publish_plain(get_settings(), entries)
+
+    wait_until(lambda: _stopped(ingest), timeout=20)
+    assert 200 <= len(processed) < len(entries)
+    assert _left_in_raw_queues() == len(entries) - len(processed)
+
+
+def test_ingest_hands_off_through_delayed_delivery_without_a_worker(
+    ingest: PlainEventConsumer,
+) -> None:
+    # What a worker declares at start, gone: the consumer's own declaration
+    # must make a countdown handoff reach its task queue.
+    settings = get_settings()
+    with Connection(settings.broker_connection_url) as connection:
+        channel = connection.default_channel
+        channel.exchange_delete("celery_delayed_delivery")
+        for level in range(28):
+            channel.exchange_delete(f"celery_delayed_{level}")
+    ingest.should_stop = True
+    wait_until(lambda: _stopped(ingest), timeout=10)
+
+    consumer = PlainEventConsumer(
+        Connection(settings.broker_connection_url), settings, {}, lambda *a: None
+    )
+    consumer.should_stop = False
+    thread = threading.Thread(target=consumer.run, daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: _exchange_exists("celery_delayed_delivery"), timeout=10)
+        entry = {"id": "handed", "vehicle_plate": "HND1",
+                 "entry_date_time": "2024-09-11T21:00:00Z"}  # fmt: skip
+        with Connection(settings.broker_connection_url) as connection:
+            queue = topology.task_queues(settings)[0].bind(connection.default_channel)
+            queue.purge()
+            PROCESSORS[EventKind.ENTRY].apply_async((entry,), countdown=1)
+            found: list[Any] = []
+
+            def delivered() -> bool:
+                found.append(queue.get(no_ack=True))
+                return found[-1] is not None
+
+            wait_until(delivered)
+        assert found[-1].payload[0] == [entry]
+    finally:
+        consumer.should_stop = True
+        thread.join(timeout=10)
+
+
+def _exchange_exists(name: str) -> bool:
+    with Connection(get_settings().broker_connection_url) as connection:
+        channel = connection.channel()
+        try:
+            channel.exchange_declare(name, "topic", passive=True)
+        except connection.channel_errors:  # 404: not there
+            return False
+        channel.close()
+        return True

@@ -418,6 +418,26 @@ async def test_requests_are_timed_by_route(client: httpx.AsyncClient) -> None:
     assert "parking_api_rows_written_total 1.0" in metrics
 
 
+async def test_a_streamed_body_over_the_limit_is_timed_as_a_summaries_post(
+    client: httpx.AsyncClient,
+) -> None:
+    async def chunks() -> AsyncIterator[bytes]:
+        # No length up front: the limit is found while the body is read.
+        for _ in range(80):
+            yield b" " * 1024
+
+    answer = await client.post(
+        "/summaries", content=chunks(), headers={"content-type": "application/json"}
+    )
+
+    assert answer.status_code == 413
+    metrics = (await client.get("/metrics")).text
+    assert (
+        'parking_api_request_seconds_count{route="/summaries",status="4xx"} 1.0'
+        in metrics
+    )
+
+
 @pytest.mark.parametrize(
     ("fee", "stored"),
     [
