@@ -206,7 +206,8 @@ def run(settings: Settings) -> None:
         )
 
         def stop(signum: int, _: object) -> None:
-            # Finish the message in hand, then leave; unacked ones are requeued.
+            # Leave once the messages already delivered are processed and
+            # acked; the broker hands the rest to the next consumer.
             logger.info("plain ingest stopping signal=%d", signum)
             consumer.should_stop = True
 
