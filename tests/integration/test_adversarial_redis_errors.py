@@ -150,8 +150,9 @@ def test_a_redis_that_refuses_for_now_means_retry_later(
 class _Message:
     body: bytes
     state: str = "unacked"
+    channel: object = None
 
-    def ack(self) -> None:
+    def ack(self, multiple: bool = False) -> None:
         self.state = "acked"
 
     def reject(self, requeue: bool = False) -> None:
@@ -173,6 +174,10 @@ def test_the_plain_consumer_hands_a_refused_event_to_the_retries(
                        b'"entry_date_time": "2024-05-01T08:00:00Z"}')  # fmt: skip
 
     consumer.process(EventKind.ENTRY, message)  # type: ignore[arg-type]
+    # Handed over, so done: acked with the next batch, not dead-lettered.
+    assert message.state == "unacked"
+    assert consumer.acks_waiting == 1
+    consumer.flush_acks()
 
     assert message.state == "acked"
     assert [(kind, event["id"]) for kind, event, _ in handed] == [
