@@ -103,8 +103,8 @@ def counters_from_dir(path: Path) -> Samples:
     every sample (the histograms' buckets are most of the files), for a
     progress check several times a second beside what it measures."""
     files = sorted(str(found) for found in path.glob("counter_*.db"))
-    merged = MultiProcessCollector.merge(files, accumulate=True)  # type: ignore[no-untyped-call]
-    return _flatten(merged)
+    merge = MultiProcessCollector.merge
+    return _flatten(merge(files, accumulate=True))  # type: ignore[no-untyped-call]
 
 
 def samples_from_url(url: str, timeout: float = 5.0) -> Samples:

@@ -243,6 +243,7 @@ class Bench:
         started = time.monotonic()
         pending = waves(plan, options.order)
         wave = pending.pop(0)
+        wave_size = sum(map(len, wave))
         self.publisher.start(wave)
         sent_before = 0  # by the waves already sent
         wave_started, publishing = started, 0.0  # seconds spent sending
@@ -253,13 +254,14 @@ class Bench:
             time.sleep(0.1)
             sent = sent_before + self.publisher.sent
             processed = self.processed_since(before)
-            if not wave_done and sent == sent_before + sum(map(len, wave)):
+            if not wave_done and sent == sent_before + wave_size:
                 wave_done = True
                 publishing += time.monotonic() - wave_started
             if pending and wave_done and (processed is None or processed >= sent):
                 # The next wave goes once the workers have done this one.
                 self.publisher.join()
                 sent_before, wave = sent, pending.pop(0)
+                wave_size = sum(map(len, wave))
                 wave_started, wave_done = time.monotonic(), False
                 self.publisher.start(wave)
             rows = count_rows()

@@ -46,11 +46,12 @@ class Services:
 
     def worker_command(self, number: int) -> list[str]:
         queues = ",".join(self.settings.queue(k) for k in ("entry", "exit", "generate"))
+        name = f"{self.settings.queue_prefix}{number}@%h"
         return [
             sys.executable, "-m", "celery", "-A", "workers", "worker",
             "-Q", queues, "--include", "workers.bench",
             "-P", self.options.pool, "-c", str(self.options.concurrency),
-            "-n", f"{self.settings.queue_prefix}{number}@%h", "-l", self.options.worker_log_level, "-E",
+            "-n", name, "-l", self.options.worker_log_level, "-E",
         ]  # fmt: skip
 
     def start(self) -> None:
@@ -103,8 +104,8 @@ class Services:
         return process
 
     def _consuming(self) -> bool:
-        for process in [*self.workers, *self.ingest, self.api]:
-            if process is not None and process.poll() is not None:
+        for process in self._processes():
+            if process.poll() is not None:
                 raise RuntimeError(
                     f"a bench process exited early; see the logs in {self.work_dir}"
                 )
@@ -114,14 +115,15 @@ class Services:
         states = [queue_state(name) for name in names]
         return all(s is not None and s[1] >= self.options.workers for s in states)
 
+    def _processes(self) -> list[subprocess.Popen[bytes]]:
+        api = [self.api] if self.api is not None else []
+        return [*self.workers, *self.ingest, *api]
+
     def stop(self) -> None:
-        for process in [*self.workers, *self.ingest, self.api]:
-            if process is None or process.poll() is not None:
-                continue
-            process.send_signal(signal.SIGTERM)  # warm shutdown
-        for process in [*self.workers, *self.ingest, self.api]:
-            if process is None:
-                continue
+        for process in self._processes():
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)  # warm shutdown
+        for process in self._processes():
             try:
                 process.wait(timeout=30)
             except subprocess.TimeoutExpired:
@@ -131,7 +133,7 @@ class Services:
     def pids(self) -> dict[str, list[int]]:
         return {
             # The processes that consume the events, whichever path.
-            "worker": [p.pid for p in [*self.workers, *self.ingest]],
+            "worker": [p.pid for p in self.workers + self.ingest],
             "api": [self.api.pid] if self.api else [],
         }
 

@@ -4,9 +4,10 @@
 same handlers as the Celery tasks. A message is acked only after its event is
 applied, in batches (``ACK_BATCH``, or once the feed pauses): a message
 processed and not yet acked when the consumer dies is delivered again and
-found a duplicate; bad input is rejected to the dead letters; when a dependency is down
-the event is handed to the Celery task with a countdown, whose retries take it
-from there, and only then acked (publisher confirms make that hand-over safe).
+found a duplicate. Bad input is rejected to the dead letters; when a
+dependency is down the event is handed to the Celery task with a countdown,
+whose retries take it from there, and only then acked (publisher confirms
+make that hand-over safe).
 
 Unlike a Celery worker, this consumer does not note the entries it holds in
 ``parking.inflight``: it handles each message as it reads it, in order, so a
@@ -21,7 +22,7 @@ import contextlib
 import logging
 import signal
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from kombu.connection import Connection
@@ -94,21 +95,11 @@ class PlainEventConsumer(ConsumerMixin):
         names = [topology.raw_queue_name(self._settings, k) for k in EventKind]
         logger.info("plain ingest consuming queues=%s", ",".join(names))
 
-    @contextlib.contextmanager
-    def extra_context(self, connection: Any, channel: Any) -> Iterator[None]:
-        try:
-            yield
-        finally:
-            # Leaving the channel (stop, or a connection lost): ack what is
-            # done while the channel may still take it. What cannot be acked
-            # is redelivered and found a duplicate, never applied twice.
-            with contextlib.suppress(Exception):
-                self.flush_acks()
-
     def on_consume_end(self, connection: Any, channel: Any) -> None:
-        # Cancelling the consumers waits for the broker, and messages that
-        # arrive meanwhile are still processed: their acks go now, before
-        # the channel closes and would hand them out again.
+        # A clean stop, after the consumers are cancelled (messages that came
+        # in while the broker confirmed that were still processed) and before
+        # the channel closes and would hand them out again. A lost connection
+        # never gets here: its messages come back and are found duplicates.
         with contextlib.suppress(Exception):
             self.flush_acks()
 

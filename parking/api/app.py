@@ -338,18 +338,11 @@ def create_app(
             sent = header(headers, b"authorization")
             if sent is None or not secrets.compare_digest(sent, bearer):
                 return None
-        content_type = header(headers, b"content-type")
-        if (
-            not body
-            or content_type is None
-            or not _is_json(content_type.decode("latin-1"))
-        ):
-            return None
+        raw_type = header(headers, b"content-type")
+        content_type = None if raw_type is None else raw_type.decode("latin-1")
         try:
-            summary = StaySummary.model_validate_json(
-                body.removeprefix(codecs.BOM_UTF8)
-            )
-        except ValidationError:
+            summary = _validated(StaySummary, body, content_type)
+        except RequestValidationError:
             return None
         return await record_stay(summary)
 
