@@ -251,20 +251,7 @@ class Publisher:
                 channel = conn.channel()
                 window = _ConfirmWindow(conn, channel) if self._confirm else None
                 for published, item in enumerate(items, 1):
-                    if self._plain and item.kind is not None:
-                        channel.basic_publish(
-                            self._plain_message(item),
-                            exchange="",  # the raw queues' own names route
-                            routing_key=topology.raw_queue_name(
-                                self._settings, item.kind
-                            ),
-                        )
-                    else:
-                        channel.basic_publish(
-                            self._message(item),
-                            exchange=self._exchange,
-                            routing_key=self._settings.queue(item.queue),
-                        )
+                    self.publish(channel, item)
                     if window is None:
                         self._sent[number] = published
                     else:
@@ -306,17 +293,18 @@ class Publisher:
             correlation_id=task_id,
         )
 
-    def publish(self, producer: Any, item: Planned) -> None:
-        message = app.amqp.create_task_message(
-            str(uuid.uuid4()), item.task, item.args(datetime.now(UTC)), {}
-        )
-        producer.publish(
-            message.body,
-            exchange=self._exchange,
-            routing_key=self._settings.queue(item.queue),
-            headers=message.headers,
-            serializer="json",
-            delivery_mode=2,
-            retry=True,
-            **message.properties,
-        )
+    def publish(self, channel: Any, item: Planned) -> None:
+        """One message on this channel: camera events as bare JSON to the raw
+        queues on the plain path, everything else as a Celery task message."""
+        if self._plain and item.kind is not None:
+            channel.basic_publish(
+                self._plain_message(item),
+                exchange="",  # the raw queues' own names route
+                routing_key=topology.raw_queue_name(self._settings, item.kind),
+            )
+        else:
+            channel.basic_publish(
+                self._message(item),
+                exchange=self._exchange,
+                routing_key=self._settings.queue(item.queue),
+            )
