@@ -16,18 +16,28 @@ its own stay.
 Exits declared unmatched and visits closed as orphans by a sweep move, in the
 same step that takes them, into the bucket's review outbox; they leave it only
 once the summary API has them, so a crash or an API outage loses none.
+
+What is kept only for a while (the record of every event applied, and the
+camera reads of every completed stay, for telling second reads) lives in
+time slices: one hash per bucket, car park and slice of processing time, with
+a field per event or plate, not one key per item. A step writes into the
+current slice and reads the slices a record's lifetime can reach, newest
+first. The number of keys so stays flat however many events pass, Redis has
+no per-item expiry to track, and a slice goes as a whole once its last record
+is old enough.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
-from typing import Any, Protocol, cast
+from typing import Any, ClassVar, Protocol, cast
 
 import redis
 
@@ -74,14 +84,43 @@ local function rescore(exits_key, pending_key, member)
 end
 """
 
+# What a step keeps for a while, in slices of processing time (module
+# docstring). A record written in slice n is looked for in n and the slices
+# after it for as long as it must be known; each write keeps its slice's hash
+# alive for at least that long again.
+_SLICES = """
+local tag, lot = ARGV[11], ARGV[12]
+
+-- Time-sliced memories: one hash per slice of processing time, under this
+-- bucket's hash tag (so in this step's slot, though built here).
+local function slice_key(name, s)
+  return tag .. name .. ':' .. lot .. ':' .. s
+end
+local function recall(name, slice, back, field)
+  for s = slice, slice - back, -1 do
+    local value = redis.call('HGET', slice_key(name, s), field)
+    if value then return value end
+  end
+  return nil
+end
+local function remember(name, slice, ttl, field, value)
+  local key = slice_key(name, slice)
+  redis.call('HSET', key, field, value)
+  redis.call('EXPIRE', key, ttl)
+end
+"""
+
 _ENTER = (
-    _PENDING
+    _SLICES
+    + _PENDING
     + """
-local visit_key, exits_key, seen_key, open_key, pending_key, last_key = unpack(KEYS)
-local entered_key, similar_key = KEYS[7], KEYS[8]
+local visit_key, exits_key, open_key, pending_key, similar_key = unpack(KEYS)
 local id, plate, at_s, member = ARGV[1], ARGV[2], ARGV[3], ARGV[8]
 local at, dup, skew = tonumber(at_s), tonumber(ARGV[4]), tonumber(ARGV[5])
-local first = redis.call('GET', seen_key)
+local events = 'events:' .. ARGV[14]
+local event_slice, event_back = tonumber(ARGV[15]), tonumber(ARGV[16])
+local read_slice, read_back = tonumber(ARGV[17]), tonumber(ARGV[18])
+local first = recall(events, event_slice, event_back, id)
 if first then return '{"o":"duplicate","first":' .. first .. '}' end
 local this = {id=id, plate=plate, at=at_s}
 
@@ -109,16 +148,16 @@ local pending_id, pending = after_id, after
 if not pending then pending_id, pending = skewed_id, skewed end
 
 local visit = redis.call('HMGET', visit_key, 'id', 'plate', 'at')
-local entered = tonumber(redis.call('GET', entered_key))
+local entered = tonumber(recall('entry-reads', read_slice, read_back, member))
 local result
 if pending then
   redis.call('HDEL', exits_key, pending_id)
   rescore(exits_key, pending_key, member)
   if dup > 0 then
-    redis.call('SET', entered_key, at_s, 'EX', ARGV[10])
+    remember('entry-reads', read_slice, ARGV[19], member, at_s)
     -- The exit camera's second read may still be on its way: it is the
     -- same exit, not one more waiting for an entry.
-    redis.call('SET', last_key, pending.at, 'EX', ARGV[10])
+    remember('exit-reads', read_slice, ARGV[19], member, pending.at)
   end
   result = cjson.encode({o='matched', entry=this,
     exit={id=pending_id, plate=pending.plate, at=pending.at}})
@@ -141,20 +180,23 @@ else
     result = '{"o":"opened"}'
   end
 end
-redis.call('SET', seen_key, result, 'EX', ARGV[6])
+remember(events, event_slice, ARGV[6], id, result)
 return result
 """
 )
 
 _LEAVE = (
-    _PENDING
+    _SLICES
+    + _PENDING
     + """
-local visit_key, exits_key, seen_key, open_key, pending_key, last_key = unpack(KEYS)
-local entered_key, similar_key = KEYS[7], KEYS[8]
+local visit_key, exits_key, open_key, pending_key, similar_key = unpack(KEYS)
 local id, plate, at_s, member = ARGV[1], ARGV[2], ARGV[3], ARGV[8]
 local at, dup, skew = tonumber(at_s), tonumber(ARGV[4]), tonumber(ARGV[5])
-local tag, lot, max_misread = ARGV[11], ARGV[12], tonumber(ARGV[13])
-local first = redis.call('GET', seen_key)
+local max_misread = tonumber(ARGV[13])
+local events = 'events:' .. ARGV[14]
+local event_slice, event_back = tonumber(ARGV[15]), tonumber(ARGV[16])
+local read_slice, read_back = tonumber(ARGV[17]), tonumber(ARGV[18])
+local first = recall(events, event_slice, event_back, id)
 if first then return '{"o":"duplicate","first":' .. first .. '}' end
 local this = {id=id, plate=plate, at=at_s}
 
@@ -171,8 +213,8 @@ local function close(other, visit_at)
   if dup > 0 then
     -- Compared in event time, so kept as long as a pending exit: a second
     -- read that waited in a backlog for seconds is still the same exit.
-    redis.call('SET', key_of('last', other), at_s, 'EX', ARGV[10])
-    redis.call('SET', key_of('entered', other), visit_at, 'EX', ARGV[10])
+    remember('exit-reads', read_slice, ARGV[19], other, at_s)
+    remember('entry-reads', read_slice, ARGV[19], other, visit_at)
   end
 end
 
@@ -217,7 +259,7 @@ if visit[1] and at >= tonumber(visit[3]) - skew then
   result = cjson.encode({o='matched',
     entry={id=visit[1], plate=visit[2], at=visit[3]}, exit=this})
 else
-  local last = redis.call('GET', last_key)
+  local last = recall('exit-reads', read_slice, read_back, member)
   local found = {}
   local repeated = (last and math.abs(at - tonumber(last)) <= dup)
      or repeats_a_pending_exit()
@@ -230,7 +272,7 @@ else
     local other, v = found[1][1], found[1][2]
     close(other, v[3])
     -- A second read with the same misread is the same exit too.
-    if dup > 0 then redis.call('SET', last_key, at_s, 'EX', ARGV[10]) end
+    if dup > 0 then remember('exit-reads', read_slice, ARGV[19], member, at_s) end
     result = cjson.encode({o='matched', m='fuzzy',
       entry={id=v[1], plate=v[2], at=v[3]}, exit=this})
   else
@@ -246,7 +288,7 @@ else
     result = cjson.encode(out)
   end
 end
-redis.call('SET', seen_key, result, 'EX', ARGV[6])
+remember(events, event_slice, ARGV[6], id, result)
 return result
 """
 )
@@ -354,6 +396,36 @@ class LedgerPolicy:
     misread_max_positions: int = 1
 
 
+@dataclass(frozen=True, slots=True)
+class TimeSlices:
+    """Slices of processing time for records that must last ``lifetime``.
+
+    A record written in slice ``n`` is found by a lookup of ``n`` and the
+    ``back`` slices before the current one, which covers every later moment
+    within its lifetime; the slice's hash lives ``key_ttl`` seconds after its
+    last write, longer than any lookup reaches back.
+    """
+
+    length: int
+    back: int
+
+    #: Slices per lifetime: a lookup reads one more than this, and a record
+    #: is kept at most a slice longer than it must be.
+    PER_LIFETIME: ClassVar[int] = 4
+
+    @classmethod
+    def lasting(cls, lifetime: timedelta) -> TimeSlices:
+        seconds = max(1, math.ceil(lifetime.total_seconds()))
+        return cls(length=math.ceil(seconds / cls.PER_LIFETIME), back=cls.PER_LIFETIME)
+
+    @property
+    def key_ttl(self) -> int:
+        return (self.back + 1) * self.length
+
+    def index(self, now: datetime) -> int:
+        return _micros(now) // (self.length * 1_000_000)
+
+
 class RedisVisitStore:
     """The ledger of open visits; every public step is one round trip."""
 
@@ -369,6 +441,12 @@ class RedisVisitStore:
         self._prefix = prefix
         #: Indexes are per car park: sweeps and counts visit each of these.
         self._lots = tuple(lots)
+        # A pending exit outlives its grace period until a sweep can take
+        # it; a completed stay's camera reads are kept as long, since a
+        # second read may wait in a backlog as long as an exit may wait.
+        self._pending_ttl = int(policy.grace.total_seconds() * 4) + 3600
+        self._event_slices = TimeSlices.lasting(policy.event_ttl)
+        self._read_slices = TimeSlices.lasting(timedelta(seconds=self._pending_ttl))
         self._enter = client.register_script(_ENTER)
         self._leave = client.register_script(_LEAVE)
         self._take_due = client.register_script(_TAKE_DUE)
@@ -386,35 +464,43 @@ class RedisVisitStore:
         tag = self._tag(form)
         lot = event.lot_id
         member = event.plate_key
+        # The script builds the keys of its time slices itself, under the
+        # same hash tag: "events:entry:main:<slice>" and the like. Their
+        # names differ from the one-key-per-item records before them
+        # ("event:", "last:", "entered:"), which are never read again and
+        # expire.
         keys = [
             f"{tag}:visit:{lot}:{member}",
             # "exits", not the "exit" of the one-exit-per-plate records
             # before it: those are never read again and expire.
             f"{tag}:exits:{lot}:{member}",
-            # Entry and exit cameras (and car parks) may number their events
-            # independently: an id is unique within its kind and car park.
-            f"{tag}:event:{event.kind}:{event.lot_id}:{event.id}",
             f"{tag}:open:{lot}",
             f"{tag}:pending:{lot}",
-            f"{tag}:last:{lot}:{member}",
-            f"{tag}:entered:{lot}:{member}",
             f"{tag}:similar:{lot}:{form}",
         ]
-        pending_ttl = int(policy.grace.total_seconds() * 4) + 3600
+        events, reads = self._event_slices, self._read_slices
         args = [
             event.id,
             event.plate,
             _micros(event.at),
             policy.duplicate_window // _US,
             policy.clock_skew // _US,
-            int(policy.event_ttl.total_seconds()),
+            events.key_ttl,
             _micros(now),
             member,
             _micros(now + policy.grace),
-            pending_ttl,
+            self._pending_ttl,
             f"{tag}:",
             lot,
             policy.misread_max_positions,
+            # Entry and exit cameras (and car parks) may number their events
+            # independently: an id is unique within its kind and car park.
+            event.kind,
+            events.index(now),
+            events.back,
+            reads.index(now),
+            reads.back,
+            reads.key_ttl,
         ]
         with redis_errors():
             raw = script(keys=keys, args=args)
@@ -524,6 +610,17 @@ class RedisVisitStore:
             mine = sizes[n * per_lot : (n + 1) * per_lot]
             counts[lot] = {"open": sum(mine[0::2]), "pending": sum(mine[1::2])}
         return counts
+
+    def remembered_events(self) -> int:
+        """Events whose processing is on record (each id counted once)."""
+        with redis_errors():
+            keys = list(
+                self._redis.scan_iter(match=f"{self._prefix}:*:events:*", count=1000)
+            )
+            pipe = self._redis.pipeline(transaction=False)
+            for key in keys:
+                pipe.hlen(key)
+            return sum(pipe.execute()) if keys else 0
 
     def ping(self) -> bool:
         with redis_errors():

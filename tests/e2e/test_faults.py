@@ -26,6 +26,7 @@ import redis
 from celery import Celery
 
 from parking.settings import Settings, get_settings
+from parking.store import LedgerPolicy, RedisVisitStore
 from tests.brokers import (
     drain_dead_letters,
     messages_in_queues,
@@ -93,7 +94,10 @@ class Rig:
         client = redis.Redis.from_url(
             self.settings.redis_connection_url(self.settings.redis_db_store)
         )
-        return sum(1 for _ in client.scan_iter(match="*:event:*", count=1000))
+        store = RedisVisitStore(
+            client, LedgerPolicy(), prefix=self.settings.queue_prefix
+        )
+        return store.remembered_events()
 
     def drained(self) -> bool:
         """No task message left in any queue, ready or being worked on."""

@@ -21,7 +21,13 @@ from parking.review import (
     UnmatchedWhy,
 )
 from parking.stays import Match, Stay, Visit
-from parking.store import LedgerPolicy, Outcome, RedisVisitStore, Transition
+from parking.store import (
+    BUCKETS,
+    LedgerPolicy,
+    Outcome,
+    RedisVisitStore,
+    Transition,
+)
 
 POLICY = LedgerPolicy(
     duplicate_window=timedelta(seconds=5),
@@ -172,6 +178,55 @@ def test_a_redelivered_event_is_a_duplicate_carrying_the_first_transition(
     assert first.outcome is first_outcome
     assert again == Transition(Outcome.DUPLICATE, first=first)
     assert store.counts() == counts
+
+
+@pytest.mark.parametrize("kind", ["entry", "exit"])
+def test_an_event_stays_on_record_for_its_whole_lifetime_across_slices(
+    store: RedisVisitStore, kind: str
+) -> None:
+    event = _entry("e1", T) if kind == "entry" else _exit("x1", T)
+    step = store.enter if kind == "entry" else store.leave
+    first = step(event, NOW)
+    lifetime = POLICY.event_ttl
+
+    # Redelivered at every quarter of its lifetime and just before its end:
+    # each lookup crosses into another slice of processing time.
+    for later in [lifetime * n / 4 for n in range(1, 4)] + [lifetime - US]:
+        assert step(event, NOW + later) == Transition(Outcome.DUPLICATE, first=first)
+
+
+def test_a_second_read_is_known_across_a_slice_boundary(
+    store: RedisVisitStore,
+) -> None:
+    store.enter(_entry("e1", T), NOW)
+    store.leave(_exit("x1", T + timedelta(hours=1)), NOW)
+
+    # Processed most of an hour later (a backlog), in a later slice.
+    late = NOW + timedelta(minutes=50)
+    again = store.leave(_exit("x1b", T + timedelta(hours=1, seconds=1)), late)
+    entry_again = store.enter(_entry("e1b", T + timedelta(seconds=1)), late)
+
+    assert again.outcome is Outcome.DUPLICATE_READ
+    assert entry_again.outcome is Outcome.DUPLICATE_READ
+    assert store.counts() == {"open": 0, "pending": 0}
+
+
+def test_the_key_count_does_not_grow_with_the_events(
+    store: RedisVisitStore, store_redis: redis.Redis
+) -> None:
+    def stays(first: int, last: int) -> int:
+        for n in range(first, last):
+            plate = f"CAR{n:04d}"
+            store.enter(_entry(f"e{n}", T, plate=plate), NOW)
+            store.leave(_exit(f"x{n}", T + timedelta(hours=1), plate=plate), NOW)
+        return store_redis.dbsize()
+
+    after_a_few, after_many = stays(0, 200), stays(200, 700)
+
+    # Per bucket: the entries and exits on record, and each side's reads.
+    assert after_many <= 4 * BUCKETS
+    assert after_many == after_a_few
+    assert store.remembered_events() == 1400
 
 
 def test_a_redelivered_matched_exit_still_names_both_sides(
@@ -552,10 +607,15 @@ def test_every_key_but_open_visits_and_indexes_expires(
     # as the API takes its records; everything else is bounded by its TTL.
     assert kinds.get("visit") == 1
     assert kinds.get("exits") == 1
-    assert kinds.get("event", 0) >= 15
+    # What is kept for a while lives in time slices, not a key per item:
+    # every event of the day is on record in one slice per bucket and kind.
+    assert store.remembered_events() >= 15
+    assert kinds.get("events", 0) <= 2 * BUCKETS
     # The exact exit's plate, the misread exit's plate and its visit's, and
     # the plate whose waiting exit a late entry completed.
-    assert kinds.get("last") == 4
+    exit_reads = store_redis.scan_iter(match="*:exit-reads:*")
+    assert sum(store_redis.hlen(key) for key in exit_reads) == 4
+    assert not {"event", "last", "entered"} & kinds.keys()
     assert kinds.get("similar") == 1
     [similar] = store_redis.scan_iter(match="*:similar:*")
     assert store_redis.smembers(similar) == {b"STILLIN"}
@@ -574,8 +634,10 @@ def test_bookkeeping_keys_live_as_long_as_the_policy_says(
         for raw in store_redis.scan_iter()
     }
 
+    # An event is on record for at least the policy's TTL, at most a slice
+    # (a quarter of it) more.
     week = int(POLICY.event_ttl.total_seconds())
-    assert week - 5 <= ttls["event"] <= week
+    assert week <= ttls["events"] <= week * 5 // 4 + 5
     # A pending exit outlives its grace period until a sweep can take it.
     assert ttls["exits"] > POLICY.grace.total_seconds()
 
@@ -624,11 +686,12 @@ def test_a_matched_exit_is_remembered_while_a_second_read_may_lag(
     store.enter(_entry("e1", T), NOW)
     store.leave(_exit("x1", T + timedelta(hours=1)), NOW)
 
-    [last] = store_redis.scan_iter(match="*:last:*")
+    [reads] = store_redis.scan_iter(match="*:exit-reads:*")
 
     # The window is in event time; a second read stuck behind a backlog for
     # longer than the window must still be merged, not become a pending exit.
-    assert store_redis.ttl(last) >= POLICY.grace.total_seconds()
+    assert store_redis.ttl(reads) >= POLICY.grace.total_seconds()
+    assert store_redis.hkeys(reads) == [b"AB123"]
 
 
 # -- misread plates ----------------------------------------------------------
