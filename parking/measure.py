@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import itertools
 import math
 import os
 import threading
@@ -297,24 +298,32 @@ class MemoryPeaks:
 # -- Redis ------------------------------------------------------------------
 
 
-def redis_stats(client: redis.Redis, sample_keys: int = 500) -> dict[str, Any]:
+def redis_stats(client: redis.Redis, sample_keys: int = 20_000) -> dict[str, Any]:
     """Key counts of the client's database and an estimate of its memory.
 
     ``used_memory`` is the whole instance's, shared with other databases;
-    ``db_bytes_estimate`` scales the mean ``MEMORY USAGE`` of sampled keys
-    to this database's key count.
+    ``db_bytes_estimate`` adds up ``MEMORY USAGE`` of every key when there
+    are at most ``sample_keys``, and otherwise scales the mean of that many
+    to the key count. (Keys differ in size by orders of magnitude: the
+    store's time slices hold thousands of records each, beside one-visit
+    hashes, so a small sample would miss or overweight them.)
     """
     db = int(client.connection_pool.connection_kwargs.get("db", 0))
     keyspace = client.info("keyspace").get(f"db{db}", {})
     keys = int(keyspace.get("keys", 0))
-    sampled: list[int] = []
-    for key in client.scan_iter(count=200) if sample_keys else ():
-        usage = client.memory_usage(key)
-        if usage is not None:
-            sampled.append(int(usage))
-        if len(sampled) >= sample_keys:
-            break
-    estimate = round(sum(sampled) / len(sampled) * keys) if sampled else 0
+    names = list(itertools.islice(client.scan_iter(count=1000), sample_keys))
+    usages: list[int] = []
+    for start in range(0, len(names), 1000):
+        pipe = client.pipeline(transaction=False)
+        for name in names[start : start + 1000]:
+            pipe.memory_usage(name)
+        usages += [int(usage) for usage in pipe.execute() if usage is not None]
+    if not usages:
+        estimate = 0
+    elif len(names) < sample_keys:
+        estimate = sum(usages)
+    else:
+        estimate = round(sum(usages) / len(usages) * keys)
     return {
         "keys": keys,
         "keys_with_ttl": int(keyspace.get("expires", 0)),

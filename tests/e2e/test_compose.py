@@ -207,6 +207,8 @@ def test_state_lives_on_volumes_and_configuration_comes_from_deploy(
     assert redis_mounts["/data"] in compose["volumes"]
     redis_conf = (deploy / "redis" / "redis.conf").read_text()
     assert re.search(r"^appendonly yes$", redis_conf, re.MULTILINE)
+    # The store's time slices expire whole, off the main thread.
+    assert re.search(r"^lazyfree-lazy-expire yes$", redis_conf, re.MULTILINE)
 
     csv = services["api"]["environment"]["PARKING_SUMMARY_CSV"]
     api_mounts = _mounts(services["api"])

@@ -15,6 +15,7 @@ import redis
 from kombu.connection import Connection
 from kombu.messaging import Producer
 
+from parking import measure
 from parking.settings import get_settings
 from tests.services import wait_until
 from workers import topology
@@ -233,3 +234,22 @@ def test_a_bench_that_finds_another_refuses_before_touching_its_queues() -> None
         finally:
             for queue in queues.values():
                 queue.bind(connection.default_channel).delete()
+
+
+def test_redis_memory_counts_every_key_when_a_few_dwarf_the_rest(
+    store_redis: redis.Redis,
+) -> None:
+    # One big hash (a store's time slice) among many one-field keys.
+    store_redis.hset("big", mapping={f"event{n}": "x" * 100 for n in range(5000)})
+    for n in range(99):
+        store_redis.set(f"small{n}", "x")
+    usages = [store_redis.memory_usage(key) or 0 for key in store_redis.scan_iter()]
+
+    whole = measure.redis_stats(store_redis)
+    sampled = measure.redis_stats(store_redis, sample_keys=10)
+
+    assert whole["keys"] == 100
+    assert whole["db_bytes_estimate"] == sum(usages)
+    # A sample scales its mean: the big key is in it or not, a wide miss
+    # either way, which is why the bench reads every key it can.
+    assert sampled["db_bytes_estimate"] != sum(usages)
