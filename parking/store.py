@@ -42,7 +42,7 @@ from typing import Any, ClassVar, Protocol, cast
 import redis
 
 from parking.errors import StoreUnavailable
-from parking.events import CameraEvent
+from parking.events import CameraEvent, EventKind
 from parking.misreads import confusion_form
 from parking.plates import normalise_plate
 from parking.review import (
@@ -85,23 +85,24 @@ end
 """
 
 # What a step keeps for a while, in slices of processing time (module
-# docstring). A record written in slice n is looked for in n and the slices
-# after it for as long as it must be known; each write keeps its slice's hash
-# alive for at least that long again.
+# docstring and ``TimeSlices``). A lookup reads from one slice ahead of its
+# own (a worker whose clock runs ahead may have written there) back to the
+# oldest slice a record's lifetime reaches, newest first; then the record's
+# one-key form of the version before slices, which a message that version
+# applied and never acked brings back until those keys expire.
 _SLICES = """
 local tag, lot = ARGV[11], ARGV[12]
 
--- Time-sliced memories: one hash per slice of processing time, under this
--- bucket's hash tag (so in this step's slot, though built here).
+-- Built here under this bucket's hash tag, so in this step's slot.
 local function slice_key(name, s)
   return tag .. name .. ':' .. lot .. ':' .. s
 end
-local function recall(name, slice, back, field)
-  for s = slice, slice - back, -1 do
+local function recall(name, slice, back, field, legacy)
+  for s = slice + 1, slice - back, -1 do
     local value = redis.call('HGET', slice_key(name, s), field)
     if value then return value end
   end
-  return nil
+  return redis.call('GET', tag .. legacy .. ':' .. lot .. ':' .. field) or nil
 end
 local function remember(name, slice, ttl, field, value)
   local key = slice_key(name, slice)
@@ -120,7 +121,7 @@ local at, dup, skew = tonumber(at_s), tonumber(ARGV[4]), tonumber(ARGV[5])
 local events = 'events:' .. ARGV[14]
 local event_slice, event_back = tonumber(ARGV[15]), tonumber(ARGV[16])
 local read_slice, read_back = tonumber(ARGV[17]), tonumber(ARGV[18])
-local first = recall(events, event_slice, event_back, id)
+local first = recall(events, event_slice, event_back, id, 'event:' .. ARGV[14])
 if first then return '{"o":"duplicate","first":' .. first .. '}' end
 local this = {id=id, plate=plate, at=at_s}
 
@@ -148,7 +149,8 @@ local pending_id, pending = after_id, after
 if not pending then pending_id, pending = skewed_id, skewed end
 
 local visit = redis.call('HMGET', visit_key, 'id', 'plate', 'at')
-local entered = tonumber(recall('entry-reads', read_slice, read_back, member))
+local entered = tonumber(
+  recall('entry-reads', read_slice, read_back, member, 'entered'))
 local result
 if pending then
   redis.call('HDEL', exits_key, pending_id)
@@ -196,7 +198,7 @@ local max_misread = tonumber(ARGV[13])
 local events = 'events:' .. ARGV[14]
 local event_slice, event_back = tonumber(ARGV[15]), tonumber(ARGV[16])
 local read_slice, read_back = tonumber(ARGV[17]), tonumber(ARGV[18])
-local first = recall(events, event_slice, event_back, id)
+local first = recall(events, event_slice, event_back, id, 'event:' .. ARGV[14])
 if first then return '{"o":"duplicate","first":' .. first .. '}' end
 local this = {id=id, plate=plate, at=at_s}
 
@@ -259,7 +261,7 @@ if visit[1] and at >= tonumber(visit[3]) - skew then
   result = cjson.encode({o='matched',
     entry={id=visit[1], plate=visit[2], at=visit[3]}, exit=this})
 else
-  local last = recall('exit-reads', read_slice, read_back, member)
+  local last = recall('exit-reads', read_slice, read_back, member, 'last')
   local found = {}
   local repeated = (last and math.abs(at - tonumber(last)) <= dup)
      or repeats_a_pending_exit()
@@ -400,30 +402,38 @@ class LedgerPolicy:
 class TimeSlices:
     """Slices of processing time for records that must last ``lifetime``.
 
-    A record written in slice ``n`` is found by a lookup of ``n`` and the
-    ``back`` slices before the current one, which covers every later moment
-    within its lifetime; the slice's hash lives ``key_ttl`` seconds after its
-    last write, longer than any lookup reaches back.
+    A record written in slice ``n`` is found by a lookup of the current slice
+    and the ``back`` slices before it, which covers every later moment within
+    its lifetime. A slice's hash expires once the lifetime of its last
+    possible record is over, with a margin for clocks that disagree: a
+    record is kept at most a slice (and the margin) longer than it must be.
     """
 
     length: int
     back: int
 
-    #: Slices per lifetime: a lookup reads one more than this, and a record
-    #: is kept at most a slice longer than it must be.
+    #: Slices per lifetime: a lookup reads this many more than the current
+    #: one (and one ahead), and a slice is at most this share of the records.
     PER_LIFETIME: ClassVar[int] = 4
+    #: How far the clocks of workers (which pick the slice) may disagree
+    #: without a slice expiring while one of them still reads it.
+    CLOCK_MARGIN_SECONDS: ClassVar[int] = 60
 
     @classmethod
     def lasting(cls, lifetime: timedelta) -> TimeSlices:
         seconds = max(1, math.ceil(lifetime.total_seconds()))
         return cls(length=math.ceil(seconds / cls.PER_LIFETIME), back=cls.PER_LIFETIME)
 
-    @property
-    def key_ttl(self) -> int:
-        return (self.back + 1) * self.length
-
     def index(self, now: datetime) -> int:
         return _micros(now) // (self.length * 1_000_000)
+
+    def ttl(self, now: datetime) -> int:
+        """Seconds the current slice's hash must live from ``now``: until the
+        last lookup that reaches it, plus the margin. Counted from the
+        caller's clock, not Redis's, so every writer aims at the same end."""
+        last_lookup = (self.index(now) + 1 + self.back) * self.length
+        left = last_lookup - _micros(now) / 1_000_000
+        return math.ceil(left) + self.CLOCK_MARGIN_SECONDS
 
 
 class RedisVisitStore:
@@ -465,10 +475,10 @@ class RedisVisitStore:
         lot = event.lot_id
         member = event.plate_key
         # The script builds the keys of its time slices itself, under the
-        # same hash tag: "events:entry:main:<slice>" and the like. Their
-        # names differ from the one-key-per-item records before them
-        # ("event:", "last:", "entered:"), which are never read again and
-        # expire.
+        # same hash tag: "events:entry:main:<slice>" and the like, named
+        # apart from the one-key-per-item records of the version before
+        # ("event:", "last:", "entered:"), which it still reads, and never
+        # writes, until they expire.
         keys = [
             f"{tag}:visit:{lot}:{member}",
             # "exits", not the "exit" of the one-exit-per-plate records
@@ -485,7 +495,7 @@ class RedisVisitStore:
             _micros(event.at),
             policy.duplicate_window // _US,
             policy.clock_skew // _US,
-            events.key_ttl,
+            events.ttl(now),
             _micros(now),
             member,
             _micros(now + policy.grace),
@@ -500,7 +510,7 @@ class RedisVisitStore:
             events.back,
             reads.index(now),
             reads.back,
-            reads.key_ttl,
+            reads.ttl(now),
         ]
         with redis_errors():
             raw = script(keys=keys, args=args)
@@ -611,16 +621,19 @@ class RedisVisitStore:
             counts[lot] = {"open": sum(mine[0::2]), "pending": sum(mine[1::2])}
         return counts
 
-    def remembered_events(self) -> int:
-        """Events whose processing is on record (each id counted once)."""
+    def remembered_events(self, now: datetime) -> int:
+        """Records of applied events that a step at ``now`` would find (an id
+        applied again after its lifetime may count twice, once per record)."""
+        events = self._event_slices
+        first = events.index(now) - events.back
         with redis_errors():
-            keys = list(
-                self._redis.scan_iter(match=f"{self._prefix}:*:events:*", count=1000)
-            )
             pipe = self._redis.pipeline(transaction=False)
-            for key in keys:
-                pipe.hlen(key)
-            return sum(pipe.execute()) if keys else 0
+            for bucket in range(BUCKETS):
+                for lot in self._lots:
+                    for kind in EventKind:
+                        for n in range(first, events.index(now) + 2):
+                            pipe.hlen(f"{self._bucket(bucket)}:events:{kind}:{lot}:{n}")
+            return sum(pipe.execute())
 
     def ping(self) -> bool:
         with redis_errors():

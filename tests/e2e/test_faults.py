@@ -16,7 +16,7 @@ import signal
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TypeVar
 from urllib.parse import urlsplit
@@ -97,7 +97,7 @@ class Rig:
         store = RedisVisitStore(
             client, LedgerPolicy(), prefix=self.settings.queue_prefix
         )
-        return store.remembered_events()
+        return store.remembered_events(datetime.now(UTC))
 
     def drained(self) -> bool:
         """No task message left in any queue, ready or being worked on."""

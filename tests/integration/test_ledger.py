@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -288,7 +288,7 @@ def test_summary_api_down_exits_retry_through_the_broker_and_all_arrive(
 def _events_recorded(client: redis.Redis) -> int:
     """Events the store has applied (it remembers each id once)."""
     store = RedisVisitStore(client, LedgerPolicy(), prefix=get_settings().queue_prefix)
-    return store.remembered_events()
+    return store.remembered_events(datetime.now(UTC))
 
 
 def _retries(caplog: pytest.LogCaptureFixture) -> int:
