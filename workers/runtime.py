@@ -52,18 +52,21 @@ def store_redis() -> redis.Redis:
     )
 
 
-@cache
-def store() -> RedisVisitStore:
-    conf = settings()
-    policy = LedgerPolicy(
+def ledger_policy(conf: Settings) -> LedgerPolicy:
+    return LedgerPolicy(
         duplicate_window=timedelta(seconds=conf.duplicate_window_seconds),
         clock_skew=timedelta(seconds=conf.clock_skew_seconds),
         grace=timedelta(seconds=conf.grace_seconds),
         event_ttl=timedelta(seconds=conf.event_ttl_seconds),
         misread_max_positions=conf.misread_max_positions,
     )
+
+
+@cache
+def store() -> RedisVisitStore:
+    conf = settings()
     return RedisVisitStore(
-        store_redis(), policy, prefix=conf.queue_prefix, lots=lots().names
+        store_redis(), ledger_policy(conf), prefix=conf.queue_prefix, lots=lots().names
     )
 
 

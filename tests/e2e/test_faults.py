@@ -26,7 +26,7 @@ import redis
 from celery import Celery
 
 from parking.settings import Settings, get_settings
-from parking.store import LedgerPolicy, RedisVisitStore
+from parking.store import RedisVisitStore
 from tests.brokers import (
     drain_dead_letters,
     messages_in_queues,
@@ -54,6 +54,7 @@ from tests.traffic import (
     shuffled_events,
 )
 from workers.app import app as celery_app
+from workers.runtime import ledger_policy
 from workers.tasks import process_entry, process_exit, sweep
 
 logger = logging.getLogger(__name__)
@@ -94,9 +95,8 @@ class Rig:
         client = redis.Redis.from_url(
             self.settings.redis_connection_url(self.settings.redis_db_store)
         )
-        store = RedisVisitStore(
-            client, LedgerPolicy(), prefix=self.settings.queue_prefix
-        )
+        conf = self.settings
+        store = RedisVisitStore(client, ledger_policy(conf), prefix=conf.queue_prefix)
         return store.remembered_events(datetime.now(UTC))
 
     def drained(self) -> bool:

@@ -22,7 +22,7 @@ from prometheus_client import REGISTRY
 from beat_schedule import build_schedule
 from parking.events import EventKind
 from parking.settings import Settings, get_settings
-from parking.store import LedgerPolicy, RedisVisitStore
+from parking.store import RedisVisitStore
 from tests.services import ApiServer, wait_until
 from tests.traffic import (
     T0,
@@ -35,6 +35,7 @@ from tests.traffic import (
     shuffled_events,
 )
 from workers import runtime
+from workers.runtime import ledger_policy
 from workers.tasks import PROCESSORS, sweep
 
 pytestmark = pytest.mark.integration
@@ -287,7 +288,8 @@ def test_summary_api_down_exits_retry_through_the_broker_and_all_arrive(
 
 def _events_recorded(client: redis.Redis) -> int:
     """Events the store has applied (it remembers each id once)."""
-    store = RedisVisitStore(client, LedgerPolicy(), prefix=get_settings().queue_prefix)
+    conf = get_settings()
+    store = RedisVisitStore(client, ledger_policy(conf), prefix=conf.queue_prefix)
     return store.remembered_events(datetime.now(UTC))
 
 
