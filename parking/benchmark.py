@@ -228,7 +228,9 @@ def bench(**params: Any) -> None:
             console.print(f"work directory kept: {work_dir}")
         else:
             shutil.rmtree(work_dir, ignore_errors=True)
-    render(report)
+    # The table is the answer unless JSON is asked for: then stdout is the
+    # JSON alone and the table goes beside the progress, on stderr.
+    render(report, console if options.as_json else Console())
     if options.as_json:
         click.echo(json.dumps(report, indent=2, sort_keys=True))
     sys.exit(1 if failed else 0)
@@ -352,24 +354,24 @@ def _count(value: float | None) -> str:
     return "-" if value is None else f"{value:,.0f}"
 
 
-def render(report: dict[str, Any]) -> None:
+def render(report: dict[str, Any], out: Console) -> None:
     machine = report["machine"]
     versions = machine["versions"]
-    console.print(
+    out.print(
         f"[bold]machine[/]: {machine['cpus']} CPUs, {_mb(machine['memory_bytes'])} RAM,"
         f" load {machine['load_average']} -> {machine.get('load_average_after')};"
         f" celery {versions['celery']}, RabbitMQ {versions['rabbitmq']},"
         f" Redis {versions['redis_server']}, Python {versions['python']}"
     )
     if "soak" in report:
-        render_soak(report["soak"])
+        render_soak(report["soak"], out)
     elif "pipeline" not in report:
-        render_api(report)
+        render_api(report, out)
     else:
-        render_run(report)
+        render_run(report, out)
 
 
-def render_run(report: dict[str, Any]) -> None:
+def render_run(report: dict[str, Any], out: Console) -> None:
     pipeline, baseline = report["pipeline"], report["baseline"]
     options = report["options"]
     table = Table(
@@ -478,9 +480,9 @@ def render_run(report: dict[str, Any]) -> None:
         goal("api_rows_per_second"),
     )  # fmt: skip
     table.add_row("  CPU ms per row: API / client", _api_cpu(api), "")
-    console.print(table)
+    out.print(table)
     if pipeline.get("outcomes"):
-        console.print(
+        out.print(
             "outcomes: "
             + ", ".join(f"{k}={v}" for k, v in pipeline["outcomes"].items())
         )
@@ -496,15 +498,15 @@ def _api_cpu(api: dict[str, Any]) -> str:
     return " / ".join(_num(cpu.get(k)) for k in ("api", "bench"))
 
 
-def render_api(report: dict[str, Any]) -> None:
+def render_api(report: dict[str, Any], out: Console) -> None:
     api = report.get("api") or {}
     if "rows_per_second" not in api:
-        console.print(f"API alone: skipped ({api.get('skipped')})")
+        out.print(f"API alone: skipped ({api.get('skipped')})")
         return
     goals = {t["name"]: t for t in report["targets"]}
     target = goals["api_rows_per_second"]
     verdict = {True: "met", False: "missed", None: "-"}[target["met"]]
-    console.print(
+    out.print(
         f"API alone{_served_by(api)}: {api['written']:,} of {api['rows']:,} rows"
         f" over {api['connections']} connections in {api['seconds']:,.2f} s:"
         f" {_num(api['rows_per_second'])} rows/s (>= {target['target']:,g}:"
@@ -513,7 +515,7 @@ def render_api(report: dict[str, Any]) -> None:
     )
 
 
-def render_soak(soak: dict[str, Any]) -> None:
+def render_soak(soak: dict[str, Any], out: Console) -> None:
     table = Table(
         title=f"parking bench --soak {soak['seconds']:g} --rate {soak['rate']:g}"
     )
@@ -529,7 +531,7 @@ def render_soak(soak: dict[str, Any]) -> None:
             _mb(point["worker_rss"]), _mb(point["api_rss"]), f"{point['published']:,}",
             _count(point["processed"]), f"{point['rows']:,}",
         )  # fmt: skip
-    console.print(table)
+    out.print(table)
     trend = soak["trends"]
     window = trend.get("window_seconds") or 0
     lines = [
@@ -567,4 +569,4 @@ def render_soak(soak: dict[str, Any]) -> None:
             + " / ".join(_num(found.get(f"p{p}_ms")) for p in (50, 95, 99))
             + " ms"
         )
-    console.print("\n".join(lines))
+    out.print("\n".join(lines))

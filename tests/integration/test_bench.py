@@ -32,20 +32,38 @@ def _work_dirs_in_tmp_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setenv("TMPDIR", str(tmp_path))
 
 
+def _run_bench(
+    *args: str, timeout: float = 280, **env: str
+) -> subprocess.CompletedProcess[bytes]:
+    db = str(get_settings().redis_db_store)
+    command = [
+        sys.executable, "-m", "parking", "bench",
+        "--redis-db", db, "--queue-prefix", PREFIX, *args,
+    ]  # fmt: skip
+    return subprocess.run(
+        command, cwd=ROOT, env=os.environ | env, capture_output=True, timeout=timeout
+    )
+
+
 def _bench(
     *args: str, timeout: float = 280, **env: str
 ) -> tuple[int, dict[str, Any], str]:
-    db = str(get_settings().redis_db_store)
-    command = [
-        sys.executable, "-m", "parking", "bench", "--json",
-        "--redis-db", db, "--queue-prefix", PREFIX, *args,
-    ]  # fmt: skip
-    done = subprocess.run(
-        command, cwd=ROOT, env=os.environ | env, capture_output=True, timeout=timeout
-    )
+    done = _run_bench("--json", *args, timeout=timeout, **env)
     stderr = done.stderr.decode(errors="replace")
     report = json.loads(done.stdout) if done.stdout.strip() else {}
     return done.returncode, report, stderr
+
+
+def test_the_table_is_the_output_unless_json_is_asked_for() -> None:
+    table = _run_bench("--api-only", "--api-rows", "300")
+    as_json = _run_bench("--api-only", "--api-rows", "300", "--json")
+
+    assert table.returncode == 0, table.stderr.decode()[-3000:]
+    assert b"rows/s" in table.stdout
+    assert b"rows/s" not in table.stderr
+    # With --json, stdout is the JSON alone; the table goes to stderr.
+    assert json.loads(as_json.stdout)["api"]["written"] == 300
+    assert b"rows/s" in as_json.stderr
 
 
 def _ordered(figures: dict[str, Any]) -> bool:
