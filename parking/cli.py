@@ -171,6 +171,11 @@ def api(host: str | None, port: int | None, loop: str, http: str) -> None:
     except ConfigurationError as exc:
         raise click.ClickException(str(exc)) from None
     logging.getLogger(__name__).info("api serving loop=%s http=%s", loop, http)
+    # uvicorn shuts down on SIGTERM or SIGINT, then raises the signal again
+    # with the handler it found: the default one would end the process by
+    # the signal, which process managers report as a crash (rc=-15).
+    for stop in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(stop, _stopped)
     uvicorn.run(
         app,
         host=host or settings.api_host,
@@ -180,6 +185,10 @@ def api(host: str | None, port: int | None, loop: str, http: str) -> None:
         log_level="warning",
         access_log=False,
     )
+
+
+def _stopped(signum: int, _: object) -> None:
+    raise SystemExit(0)
 
 
 def classify(event: Any) -> EventKind | None:

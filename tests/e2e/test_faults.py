@@ -413,3 +413,21 @@ def test_a_message_that_kills_its_worker_every_time_is_dead_lettered(
     )
     assert plates.count("AFTER-1") == 1
     assert plates.count("POISON-1") <= 1
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
+def test_the_summary_api_asked_to_stop_exits_cleanly(
+    tmp_path: Path, stop: signal.Signals
+) -> None:
+    api = Api(fault_env(tmp_path))
+    api.start()
+    process = api.process
+    assert process is not None
+    try:
+        process.send_signal(stop)
+        code = process.wait(timeout=30)
+    finally:
+        api.stop()
+    # A stop that was asked for is not a crash: `parking run` (honcho) and
+    # supervisors report a death by the signal as one.
+    assert code == 0, api.log()[-2000:]
