@@ -404,7 +404,7 @@ class TimeSlices:
 
     A record written in slice ``n`` is found by a lookup of the current slice
     and the ``back`` slices before it, which covers every later moment within
-    its lifetime. A slice's hash expires once the lifetime of its last
+    its lifetime (and of the slice ahead, for a writer whose clock leads). A slice's hash expires once the lifetime of its last
     possible record is over, with a margin for clocks that disagree: a
     record is kept at most a slice (and the margin) longer than it must be.
     """
@@ -455,8 +455,8 @@ class RedisVisitStore:
         # it; a completed stay's camera reads are kept as long, since a
         # second read may wait in a backlog as long as an exit may wait.
         self._pending_ttl = int(policy.grace.total_seconds() * 4) + 3600
-        self._event_slices = TimeSlices.lasting(policy.event_ttl)
-        self._read_slices = TimeSlices.lasting(timedelta(seconds=self._pending_ttl))
+        self.event_slices = TimeSlices.lasting(policy.event_ttl)
+        self.read_slices = TimeSlices.lasting(timedelta(seconds=self._pending_ttl))
         self._enter = client.register_script(_ENTER)
         self._leave = client.register_script(_LEAVE)
         self._take_due = client.register_script(_TAKE_DUE)
@@ -488,7 +488,7 @@ class RedisVisitStore:
             f"{tag}:pending:{lot}",
             f"{tag}:similar:{lot}:{form}",
         ]
-        events, reads = self._event_slices, self._read_slices
+        events, reads = self.event_slices, self.read_slices
         args = [
             event.id,
             event.plate,
@@ -624,14 +624,16 @@ class RedisVisitStore:
     def remembered_events(self, now: datetime) -> int:
         """Records of applied events that a step at ``now`` would find (an id
         applied again after its lifetime may count twice, once per record)."""
-        events = self._event_slices
-        first = events.index(now) - events.back
+        events = self.event_slices
+        current = events.index(now)
+        # The slices a lookup reads: one ahead, then back over the lifetime.
+        slices = range(current - events.back, current + 2)
         with redis_errors():
             pipe = self._redis.pipeline(transaction=False)
             for bucket in range(BUCKETS):
                 for lot in self._lots:
                     for kind in EventKind:
-                        for n in range(first, events.index(now) + 2):
+                        for n in slices:
                             pipe.hlen(f"{self._bucket(bucket)}:events:{kind}:{lot}:{n}")
             return sum(pipe.execute())
 

@@ -215,12 +215,9 @@ def test_a_second_read_is_known_across_a_slice_boundary(
     assert store.counts() == {"open": 0, "pending": 0}
 
 
-def _slice_starts(now: datetime) -> datetime:
-    """The next moment both slicings (events' and reads') start a slice."""
-    store_policy_pending = int(POLICY.grace.total_seconds() * 4) + 3600
-    events = TimeSlices.lasting(POLICY.event_ttl).length
-    reads = TimeSlices.lasting(timedelta(seconds=store_policy_pending)).length
-    both = math.lcm(events, reads)
+def _slice_starts(store: RedisVisitStore, now: datetime) -> datetime:
+    """The next moment both of the store's slicings start a slice."""
+    both = math.lcm(store.event_slices.length, store.read_slices.length)
     seconds = (now - datetime(1970, 1, 1, tzinfo=UTC)).total_seconds()
     return datetime.fromtimestamp((seconds // both + 1) * both, UTC)
 
@@ -228,7 +225,7 @@ def _slice_starts(now: datetime) -> datetime:
 def test_a_worker_whose_clock_lags_finds_what_another_wrote_a_slice_ahead(
     store: RedisVisitStore,
 ) -> None:
-    boundary = _slice_starts(NOW)
+    boundary = _slice_starts(store, NOW)
     behind = boundary - timedelta(milliseconds=1)
     entry, exit_ = _entry("e1", T), _exit("x1", T + timedelta(hours=1))
     # Applied by a worker whose clock has just crossed into the next slices,
