@@ -85,11 +85,13 @@ end
 """
 
 # What a step keeps for a while, in slices of processing time (module
-# docstring and ``TimeSlices``). A lookup reads from one slice ahead of its
-# own (a worker whose clock runs ahead may have written there) back to the
-# oldest slice a record's lifetime reaches, newest first; then the record's
-# one-key form of the version before slices, which a message that version
-# applied and never acked brings back until those keys expire.
+# docstring and ``TimeSlices``). A lookup reads the slices from the newest to
+# the oldest its caller names, which reach past a record's lifetime on both
+# sides by the clocks' margin; then the record's one-key form of the version
+# before slices, which a message that version applied and never acked brings
+# back until those keys expire. That version never reads slices: stop its
+# workers before starting these, and do not go back to it within an event
+# lifetime. The GET can go once no store holds keys of that version.
 _SLICES = """
 local tag, lot = ARGV[11], ARGV[12]
 
@@ -97,8 +99,8 @@ local tag, lot = ARGV[11], ARGV[12]
 local function slice_key(name, s)
   return tag .. name .. ':' .. lot .. ':' .. s
 end
-local function recall(name, slice, back, field, legacy)
-  for s = slice + 1, slice - back, -1 do
+local function recall(name, newest, oldest, field, legacy)
+  for s = newest, oldest, -1 do
     local value = redis.call('HGET', slice_key(name, s), field)
     if value then return value end
   end
@@ -119,9 +121,11 @@ local visit_key, exits_key, open_key, pending_key, similar_key = unpack(KEYS)
 local id, plate, at_s, member = ARGV[1], ARGV[2], ARGV[3], ARGV[8]
 local at, dup, skew = tonumber(at_s), tonumber(ARGV[4]), tonumber(ARGV[5])
 local events = 'events:' .. ARGV[14]
-local event_slice, event_back = tonumber(ARGV[15]), tonumber(ARGV[16])
-local read_slice, read_back = tonumber(ARGV[17]), tonumber(ARGV[18])
-local first = recall(events, event_slice, event_back, id, 'event:' .. ARGV[14])
+local event_slice = tonumber(ARGV[15])
+local event_newest, event_oldest = tonumber(ARGV[16]), tonumber(ARGV[17])
+local read_slice = tonumber(ARGV[18])
+local read_newest, read_oldest = tonumber(ARGV[19]), tonumber(ARGV[20])
+local first = recall(events, event_newest, event_oldest, id, 'event:' .. ARGV[14])
 if first then return '{"o":"duplicate","first":' .. first .. '}' end
 local this = {id=id, plate=plate, at=at_s}
 
@@ -150,16 +154,16 @@ if not pending then pending_id, pending = skewed_id, skewed end
 
 local visit = redis.call('HMGET', visit_key, 'id', 'plate', 'at')
 local entered = tonumber(
-  recall('entry-reads', read_slice, read_back, member, 'entered'))
+  recall('entry-reads', read_newest, read_oldest, member, 'entered'))
 local result
 if pending then
   redis.call('HDEL', exits_key, pending_id)
   rescore(exits_key, pending_key, member)
   if dup > 0 then
-    remember('entry-reads', read_slice, ARGV[19], member, at_s)
+    remember('entry-reads', read_slice, ARGV[21], member, at_s)
     -- The exit camera's second read may still be on its way: it is the
     -- same exit, not one more waiting for an entry.
-    remember('exit-reads', read_slice, ARGV[19], member, pending.at)
+    remember('exit-reads', read_slice, ARGV[21], member, pending.at)
   end
   result = cjson.encode({o='matched', entry=this,
     exit={id=pending_id, plate=pending.plate, at=pending.at}})
@@ -196,9 +200,11 @@ local id, plate, at_s, member = ARGV[1], ARGV[2], ARGV[3], ARGV[8]
 local at, dup, skew = tonumber(at_s), tonumber(ARGV[4]), tonumber(ARGV[5])
 local max_misread = tonumber(ARGV[13])
 local events = 'events:' .. ARGV[14]
-local event_slice, event_back = tonumber(ARGV[15]), tonumber(ARGV[16])
-local read_slice, read_back = tonumber(ARGV[17]), tonumber(ARGV[18])
-local first = recall(events, event_slice, event_back, id, 'event:' .. ARGV[14])
+local event_slice = tonumber(ARGV[15])
+local event_newest, event_oldest = tonumber(ARGV[16]), tonumber(ARGV[17])
+local read_slice = tonumber(ARGV[18])
+local read_newest, read_oldest = tonumber(ARGV[19]), tonumber(ARGV[20])
+local first = recall(events, event_newest, event_oldest, id, 'event:' .. ARGV[14])
 if first then return '{"o":"duplicate","first":' .. first .. '}' end
 local this = {id=id, plate=plate, at=at_s}
 
@@ -215,8 +221,8 @@ local function close(other, visit_at)
   if dup > 0 then
     -- Compared in event time, so kept as long as a pending exit: a second
     -- read that waited in a backlog for seconds is still the same exit.
-    remember('exit-reads', read_slice, ARGV[19], other, at_s)
-    remember('entry-reads', read_slice, ARGV[19], other, visit_at)
+    remember('exit-reads', read_slice, ARGV[21], other, at_s)
+    remember('entry-reads', read_slice, ARGV[21], other, visit_at)
   end
 end
 
@@ -261,7 +267,7 @@ if visit[1] and at >= tonumber(visit[3]) - skew then
   result = cjson.encode({o='matched',
     entry={id=visit[1], plate=visit[2], at=visit[3]}, exit=this})
 else
-  local last = recall('exit-reads', read_slice, read_back, member, 'last')
+  local last = recall('exit-reads', read_newest, read_oldest, member, 'last')
   local found = {}
   local repeated = (last and math.abs(at - tonumber(last)) <= dup)
      or repeats_a_pending_exit()
@@ -274,7 +280,7 @@ else
     local other, v = found[1][1], found[1][2]
     close(other, v[3])
     -- A second read with the same misread is the same exit too.
-    if dup > 0 then remember('exit-reads', read_slice, ARGV[19], member, at_s) end
+    if dup > 0 then remember('exit-reads', read_slice, ARGV[21], member, at_s) end
     result = cjson.encode({o='matched', m='fuzzy',
       entry={id=v[1], plate=v[2], at=v[3]}, exit=this})
   else
@@ -402,35 +408,47 @@ class LedgerPolicy:
 class TimeSlices:
     """Slices of processing time for records that must last ``lifetime``.
 
-    A record written in slice ``n`` is found by a lookup of the current slice
-    and the ``back`` slices before it, which covers every later moment within
-    its lifetime (and of the slice ahead, for a writer whose clock leads). A slice's hash expires once the lifetime of its last
-    possible record is over, with a margin for clocks that disagree: a
-    record is kept at most a slice (and the margin) longer than it must be.
+    Workers pick the slice by their own clocks, which may disagree by up to
+    ``CLOCK_MARGIN_SECONDS``. A lookup so reads the ``ahead`` slices after
+    its current one (a writer whose clock leads wrote there) and the ``back``
+    slices before it (the lifetime, plus a writer whose clock lags): a record
+    written at ``w`` by one clock is found by a lookup at any ``t`` of
+    another with ``w - margin <= t <= w + lifetime + margin``. A slice's hash
+    expires once the last such lookup is past, plus the margin again for the
+    clocks of Redis and of the writer: a record is kept at most ``ahead + 1``
+    slices and the margin longer than its lifetime and margin require.
     """
 
     length: int
+    ahead: int
     back: int
 
-    #: Slices per lifetime: a lookup reads this many more than the current
-    #: one (and one ahead), and a slice is at most this share of the records.
+    #: Slices per lifetime: a slice holds about this share of the records.
     PER_LIFETIME: ClassVar[int] = 4
     #: How far the clocks of workers (which pick the slice) may disagree
-    #: without a slice expiring while one of them still reads it.
+    #: without a record being missed or a slice expiring too early.
     CLOCK_MARGIN_SECONDS: ClassVar[int] = 60
 
     @classmethod
     def lasting(cls, lifetime: timedelta) -> TimeSlices:
         seconds = max(1, math.ceil(lifetime.total_seconds()))
-        return cls(length=math.ceil(seconds / cls.PER_LIFETIME), back=cls.PER_LIFETIME)
+        length = math.ceil(seconds / cls.PER_LIFETIME)
+        reach = math.ceil(cls.CLOCK_MARGIN_SECONDS / length)
+        return cls(length=length, ahead=reach, back=cls.PER_LIFETIME + reach)
 
     def index(self, now: datetime) -> int:
         return _micros(now) // (self.length * 1_000_000)
 
+    def lookup(self, now: datetime) -> range:
+        """The slices a lookup at ``now`` reads, oldest first."""
+        current = self.index(now)
+        return range(current - self.back, current + self.ahead + 1)
+
     def ttl(self, now: datetime) -> int:
         """Seconds the current slice's hash must live from ``now``: until the
         last lookup that reaches it, plus the margin. Counted from the
-        caller's clock, not Redis's, so every writer aims at the same end."""
+        writer's clock, as the slice was picked by it; Redis counts it down
+        by its own, which the margin also covers."""
         last_lookup = (self.index(now) + 1 + self.back) * self.length
         left = last_lookup - _micros(now) / 1_000_000
         return math.ceil(left) + self.CLOCK_MARGIN_SECONDS
@@ -489,6 +507,7 @@ class RedisVisitStore:
             f"{tag}:similar:{lot}:{form}",
         ]
         events, reads = self.event_slices, self.read_slices
+        event_lookup, read_lookup = events.lookup(now), reads.lookup(now)
         args = [
             event.id,
             event.plate,
@@ -506,10 +525,14 @@ class RedisVisitStore:
             # Entry and exit cameras (and car parks) may number their events
             # independently: an id is unique within its kind and car park.
             event.kind,
+            # Slices as numbers: where to write, then the newest and oldest
+            # a lookup reads.
             events.index(now),
-            events.back,
+            event_lookup[-1],
+            event_lookup[0],
             reads.index(now),
-            reads.back,
+            read_lookup[-1],
+            read_lookup[0],
             reads.ttl(now),
         ]
         with redis_errors():
@@ -624,10 +647,7 @@ class RedisVisitStore:
     def remembered_events(self, now: datetime) -> int:
         """Records of applied events that a step at ``now`` would find (an id
         applied again after its lifetime may count twice, once per record)."""
-        events = self.event_slices
-        current = events.index(now)
-        # The slices a lookup reads: one ahead, then back over the lifetime.
-        slices = range(current - events.back, current + 2)
+        slices = self.event_slices.lookup(now)
         with redis_errors():
             pipe = self._redis.pipeline(transaction=False)
             for bucket in range(BUCKETS):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -242,6 +243,33 @@ def test_a_worker_whose_clock_lags_finds_what_another_wrote_a_slice_ahead(
     assert entry_again.outcome is Outcome.DUPLICATE
     assert second_read.outcome is Outcome.DUPLICATE_READ
     assert store.counts() == {"open": 0, "pending": 0}
+
+
+@pytest.mark.parametrize(
+    "lifetime",
+    [timedelta(seconds=60), timedelta(days=1)],
+    ids=["slices-shorter-than-the-margin", "slices-of-hours"],
+)
+def test_an_event_is_known_to_workers_whose_clocks_differ_by_the_margin(
+    store_redis: redis.Redis, lifetime: timedelta
+) -> None:
+    policy = replace(POLICY, event_ttl=lifetime)
+    store = RedisVisitStore(store_redis, policy, prefix="ptest", lots=LOTS)
+    margin = timedelta(seconds=TimeSlices.CLOCK_MARGIN_SECONDS)
+    boundary = _slice_starts(store, NOW)
+
+    # Applied just before and just after a slice starts, then redelivered
+    # to a worker whose clock lags by the margin, and, at the end of the
+    # lifetime, to one whose clock leads by it.
+    for n, applied in enumerate([boundary - timedelta(milliseconds=1), boundary]):
+        entry, exit_ = _entry(f"e{n}", T), _exit(f"x{n}", T + timedelta(hours=1))
+        opened = store.enter(entry, applied)
+        matched = store.leave(exit_, applied)
+        for redelivered in [applied - margin, applied + lifetime + margin]:
+            again = store.enter(entry, redelivered)
+            assert again == Transition(Outcome.DUPLICATE, first=opened)
+            again = store.leave(exit_, redelivered)
+            assert again == Transition(Outcome.DUPLICATE, first=matched)
 
 
 def test_records_of_the_version_before_slices_are_still_honoured(
@@ -696,11 +724,14 @@ def test_bookkeeping_keys_live_as_long_as_the_policy_says(
         for raw in store_redis.scan_iter()
     }
 
-    # An event is on record for at least the policy's TTL, at most a slice
-    # (a quarter of it) and the clocks' margin more.
+    # An event is on record for at least the policy's TTL and twice the
+    # clocks' margin (a reader's and Redis's), at most the slices a lookup
+    # reads ahead, and its own, more.
     week = int(POLICY.event_ttl.total_seconds())
     margin = TimeSlices.CLOCK_MARGIN_SECONDS
-    assert week + margin <= ttls["events"] <= week * 5 // 4 + margin + 1
+    slices = store.event_slices
+    most = week + (slices.ahead + 1) * slices.length + margin
+    assert week + 2 * margin <= ttls["events"] <= most + 1
     # A pending exit outlives its grace period until a sweep can take it.
     assert ttls["exits"] > POLICY.grace.total_seconds()
 
