@@ -74,13 +74,18 @@ def _write_private(path: Path, text: str, mode: int) -> None:
 def init_secrets(
     directory: Path, force: bool = False, mode: int = PRIVATE_FILE_MODE
 ) -> InitResult:
-    """Write a fresh value for every missing secret file (all with ``force``)."""
+    """Write a fresh value for every missing secret file (all with ``force``);
+    every file, kept or written, gets ``mode``."""
     directory.mkdir(mode=DIRECTORY_MODE, parents=True, exist_ok=True)
     directory.chmod(DIRECTORY_MODE)
     result = InitResult()
     for name in SECRET_FILES:
         path = directory / name
         if path.exists() and not force:
+            # The value stays; the mode follows the run that asked for it,
+            # or compose containers could not read secrets made for a local
+            # run (and a local run would leave them readable to all).
+            path.chmod(mode)
             result.kept.append(name)
             continue
         _write_private(path, new_secret(), mode)
@@ -142,7 +147,10 @@ def init(directory: Path, force: bool, compose: bool) -> None:
     for name in result.written:
         click.echo(f"wrote {directory / name} ({SECRET_FILES[name]})")
     for name in result.kept:
-        click.echo(f"kept  {directory / name} (exists; --force replaces it)")
+        click.echo(
+            f"kept  {directory / name} (exists, now mode {mode:04o};"
+            " --force replaces it)"
+        )
 
 
 @secrets_cli.command("rabbitmq-definitions")

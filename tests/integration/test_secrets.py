@@ -97,6 +97,20 @@ def test_init_for_compose_lets_container_users_read_inside_a_private_dir(
     assert {_mode(target / name) for name in SECRET_FILES} == {0o644}
 
 
+def test_init_gives_kept_secrets_the_mode_asked_for(tmp_path: Path) -> None:
+    target = tmp_path / "secrets"
+    assert _parking("secrets", "init", "--dir", str(target)).returncode == 0
+    values = {name: (target / name).read_text() for name in SECRET_FILES}
+
+    # Made for a local run first, then asked for compose, then local again.
+    for flags, mode in [(["--compose"], 0o644), ([], 0o600)]:
+        again = _parking("secrets", "init", "--dir", str(target), *flags)
+        assert again.returncode == 0, again.stderr
+        assert {_mode(target / name) for name in SECRET_FILES} == {mode}
+        assert f"now mode {mode:04o}" in again.stdout
+        assert {name: (target / name).read_text() for name in SECRET_FILES} == values
+
+
 # -- settings from files -------------------------------------------------------
 
 
