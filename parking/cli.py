@@ -25,7 +25,7 @@ from parking.benchmark import bench
 from parking.errors import ConfigurationError
 from parking.events import EventKind
 from parking.secrets import secrets_cli
-from parking.settings import Settings, get_settings, mask_url
+from parking.settings import Settings, get_settings, mask_url, secrets_dirs
 
 console = Console(stderr=True)
 
@@ -94,6 +94,34 @@ class _StopLeaderKillGroup:
             os.killpg(pid, signal.SIGKILL)
 
 
+def _broker_refusal(settings: Settings) -> str | None:
+    """Why the broker refuses the settings' login, said without the secret;
+    None when it lets us in, or cannot be reached (workers wait for it)."""
+    from workers.topology import login_refused
+
+    if not login_refused(settings):
+        return None
+    return (
+        f"RabbitMQ refused the login of {mask_url(settings.broker_url)}; "
+        f"the password came from {_password_source('broker_password')}"
+    )
+
+
+def _password_source(name: str) -> str:
+    """Where the settings found a password, to name in an error."""
+    variable = f"PARKING_{name.upper()}"
+    if variable in os.environ:
+        return variable
+    for directory in secrets_dirs():
+        path = directory / f"parking_{name}"
+        if path.is_file():
+            return (
+                f"{path} (written by `parking secrets init` for docker compose: "
+                "remove it, or give the broker's user that password)"
+            )
+    return "the URL"
+
+
 @main.command()
 def run() -> None:
     """Start worker, beat, ingest, the summary API and Flower; Ctrl-C stops all."""
@@ -101,6 +129,11 @@ def run() -> None:
     from honcho.printer import Printer
 
     settings = get_settings()
+    refused = _broker_refusal(settings)
+    if refused:
+        # Otherwise every process fails its login on its own, in a flood of
+        # tracebacks that never say where the password came from.
+        raise click.ClickException(refused)
     settings.var_dir.mkdir(parents=True, exist_ok=True)
     env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
     metrics_dir = settings.var_dir / "prometheus"
@@ -126,6 +159,12 @@ def run() -> None:
     console.print(f"  Flower       http://127.0.0.1:{settings.flower_port}")
     worker_metrics = f"{settings.metrics_address}:{settings.worker_metrics_port}"
     console.print(f"  metrics      http://{worker_metrics}/metrics (worker)")
+    for role, port in [
+        ("beat", settings.beat_metrics_port),
+        ("ingest", settings.ingest_metrics_port),
+    ]:
+        address = f"{settings.metrics_address}:{port}"
+        console.print(f"               http://{address}/metrics ({role})")
     console.print(f"  stays CSV    {settings.summary_csv.resolve()}")
 
     manager = Manager(Printer(sys.stdout))

@@ -40,7 +40,7 @@ class TariffOverride(BaseModel):
     currency: str | None = Field(default=None, pattern=r"^[A-Z]{3}$")
 
 
-def _secrets_dir() -> list[Path]:
+def secrets_dirs() -> list[Path]:
     # Compose mounts secrets under /run/secrets; the local path uses ./secrets.
     # Missing directories are skipped so that defaults work on a bare machine.
     configured = os.environ.get("PARKING_SECRETS_DIR")
@@ -57,7 +57,7 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(
         env_prefix="PARKING_",
-        secrets_dir=_secrets_dir(),
+        secrets_dir=secrets_dirs(),
         extra="ignore",
         # A validation error would otherwise quote the input, secrets included.
         hide_input_in_errors=True,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from amqp.exceptions import AccessRefused
 from kombu.connection import Connection
 from kombu.entity import Exchange, Queue
 from kombu.transport.native_delayed_delivery import (
@@ -156,3 +157,17 @@ def entry_backlog(settings: Settings) -> int:
     except Exception:
         logger.warning("entry backlog unknown; sweep holds exits", exc_info=True)
         return 1
+
+
+def login_refused(settings: Settings) -> bool:
+    """Whether the broker answers and refuses the settings' credentials (a
+    broker that cannot be reached is no refusal: clients wait for it)."""
+    url = settings.broker_connection_url
+    try:
+        with Connection(url, connect_timeout=5) as connection:
+            connection.connect()
+    except AccessRefused:
+        return True
+    except OSError:
+        return False
+    return False

@@ -111,6 +111,24 @@ def test_init_gives_kept_secrets_the_mode_asked_for(tmp_path: Path) -> None:
         assert {name: (target / name).read_text() for name in SECRET_FILES} == values
 
 
+def test_run_refused_by_the_broker_names_the_secret_file_and_starts_nothing(
+    tmp_path: Path,
+) -> None:
+    # What a local run meets after `parking secrets init` for compose.
+    directory = tmp_path / "secrets"
+    password = new_secret()
+    _write(directory, "parking_broker_password", password)
+
+    done = _parking("run", env={"PARKING_SECRETS_DIR": str(directory)})
+
+    assert done.returncode == 1
+    assert "RabbitMQ refused the login of amqp://" in done.stderr
+    assert f"came from {directory / 'parking_broker_password'}" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert "worker" not in done.stdout
+    assert password not in done.stdout + done.stderr
+
+
 # -- settings from files -------------------------------------------------------
 
 
