@@ -30,7 +30,20 @@ from parking.settings import Settings, get_settings, mask_url, secrets_dirs
 console = Console(stderr=True)
 
 
-@click.group()
+class _Commands(click.Group):
+    """Commands whose broker refuses their login say so in one line, naming
+    where the password came from, rather than in a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        from amqp.exceptions import AccessRefused
+
+        try:
+            return super().invoke(ctx)
+        except AccessRefused:
+            raise click.ClickException(_refused_login(get_settings())) from None
+
+
+@click.group(cls=_Commands)
 @click.option(
     "--log-level",
     envvar="PARKING_LOG_LEVEL",
@@ -94,13 +107,8 @@ class _StopLeaderKillGroup:
             os.killpg(pid, signal.SIGKILL)
 
 
-def _broker_refusal(settings: Settings) -> str | None:
-    """Why the broker refuses the settings' login, said without the secret;
-    None when it lets us in, or cannot be reached (workers wait for it)."""
-    from workers.topology import login_refused
-
-    if not login_refused(settings):
-        return None
+def _refused_login(settings: Settings) -> str:
+    """The broker's refusal of the settings' login, said without the secret."""
     return (
         f"RabbitMQ refused the login of {mask_url(settings.broker_url)}; "
         f"the password came from {_password_source('broker_password')}"
@@ -116,8 +124,8 @@ def _password_source(name: str) -> str:
         path = directory / f"parking_{name}"
         if path.is_file():
             return (
-                f"{path} (written by `parking secrets init` for docker compose: "
-                "remove it, or give the broker's user that password)"
+                f"{path} (a secret file, such as `parking secrets init` writes "
+                "for compose: remove it, or give the broker's user that password)"
             )
     return "the URL"
 
@@ -128,12 +136,13 @@ def run() -> None:
     from honcho.manager import Manager
     from honcho.printer import Printer
 
+    from workers.topology import login_refused
+
     settings = get_settings()
-    refused = _broker_refusal(settings)
-    if refused:
+    if login_refused(settings):
         # Otherwise every process fails its login on its own, in a flood of
         # tracebacks that never say where the password came from.
-        raise click.ClickException(refused)
+        raise click.ClickException(_refused_login(settings))
     settings.var_dir.mkdir(parents=True, exist_ok=True)
     env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
     metrics_dir = settings.var_dir / "prometheus"

@@ -436,22 +436,22 @@ class TimeSlices:
         reach = math.ceil(cls.CLOCK_MARGIN_SECONDS / length)
         return cls(length=length, ahead=reach, back=cls.PER_LIFETIME + reach)
 
-    def index(self, now: datetime) -> int:
-        return _micros(now) // (self.length * 1_000_000)
+    def window(self, now: datetime) -> tuple[int, int, int, int]:
+        """What a step at ``now`` needs, worked out once: the slice it writes,
+        the newest and oldest slices it reads, and the seconds the written
+        slice's hash must live: until the last lookup that reaches it, plus
+        the margin. The TTL counts from the writer's clock, which picked the
+        slice; Redis counts it down by its own, which the margin also covers."""
+        micros = _micros(now)
+        current = micros // (self.length * 1_000_000)
+        last_lookup = (current + 1 + self.back) * self.length
+        ttl = math.ceil(last_lookup - micros / 1_000_000) + self.CLOCK_MARGIN_SECONDS
+        return current, current + self.ahead, current - self.back, ttl
 
     def lookup(self, now: datetime) -> range:
         """The slices a lookup at ``now`` reads, oldest first."""
-        current = self.index(now)
-        return range(current - self.back, current + self.ahead + 1)
-
-    def ttl(self, now: datetime) -> int:
-        """Seconds the current slice's hash must live from ``now``: until the
-        last lookup that reaches it, plus the margin. Counted from the
-        writer's clock, as the slice was picked by it; Redis counts it down
-        by its own, which the margin also covers."""
-        last_lookup = (self.index(now) + 1 + self.back) * self.length
-        left = last_lookup - _micros(now) / 1_000_000
-        return math.ceil(left) + self.CLOCK_MARGIN_SECONDS
+        _, newest, oldest, _ = self.window(now)
+        return range(oldest, newest + 1)
 
 
 class RedisVisitStore:
@@ -506,15 +506,17 @@ class RedisVisitStore:
             f"{tag}:pending:{lot}",
             f"{tag}:similar:{lot}:{form}",
         ]
-        events, reads = self.event_slices, self.read_slices
-        event_lookup, read_lookup = events.lookup(now), reads.lookup(now)
+        event_slice, event_newest, event_oldest, event_ttl = self.event_slices.window(
+            now
+        )
+        read_slice, read_newest, read_oldest, read_ttl = self.read_slices.window(now)
         args = [
             event.id,
             event.plate,
             _micros(event.at),
             policy.duplicate_window // _US,
             policy.clock_skew // _US,
-            events.ttl(now),
+            event_ttl,
             _micros(now),
             member,
             _micros(now + policy.grace),
@@ -527,13 +529,13 @@ class RedisVisitStore:
             event.kind,
             # Slices as numbers: where to write, then the newest and oldest
             # a lookup reads.
-            events.index(now),
-            event_lookup[-1],
-            event_lookup[0],
-            reads.index(now),
-            read_lookup[-1],
-            read_lookup[0],
-            reads.ttl(now),
+            event_slice,
+            event_newest,
+            event_oldest,
+            read_slice,
+            read_newest,
+            read_oldest,
+            read_ttl,
         ]
         with redis_errors():
             raw = script(keys=keys, args=args)

@@ -129,6 +129,27 @@ def test_run_refused_by_the_broker_names_the_secret_file_and_starts_nothing(
     assert password not in done.stdout + done.stderr
 
 
+def test_a_command_refused_by_the_broker_says_so_in_one_line(tmp_path: Path) -> None:
+    directory = tmp_path / "secrets"
+    password = new_secret()
+    _write(directory, "parking_broker_password", password)
+    events = tmp_path / "events.jsonl"
+    event = {
+        "id": "e1",
+        "vehicle_plate": "AB123",
+        "entry_date_time": "2024-09-11T21:24:56Z",
+    }
+    events.write_text(json.dumps(event) + "\n", encoding="utf-8")
+
+    done = _parking("replay", str(events), env={"PARKING_SECRETS_DIR": str(directory)})
+
+    assert done.returncode == 1
+    assert "RabbitMQ refused the login of amqp://" in done.stderr
+    assert f"came from {directory / 'parking_broker_password'}" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert password not in done.stdout + done.stderr
+
+
 # -- settings from files -------------------------------------------------------
 
 
